@@ -1,0 +1,250 @@
+"""Typed, validated params: one frozen dataclass per params.yaml section.
+
+``load_params(mapping)`` turns the parsed YAML mapping into ``Params`` or raises a
+``PipelineError`` whose one line names the offending key and what is allowed. Names that pick
+an implementation (model, dataset, allocation method, backend) are checked against the
+registries that hold them, so the message lists exactly the names that work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pipeline.errors import PipelineError
+
+DISTORTION_KINDS = ("mean", "max")  # per-sample mean / worst-case curves (see distortion.py)
+
+
+def _fail(key: str, value: Any, allowed: str) -> PipelineError:
+    return PipelineError(f"{key} = {value!r} is not allowed; allowed: {allowed}")
+
+
+def _check_choice(key: str, value: str, choices: Collection[str]) -> None:
+    if value not in choices:
+        raise _fail(key, value, ", ".join(sorted(choices)))
+
+
+def _check_range(key: str, value: float, lo: float, hi: float, *, hi_open: bool = False) -> None:
+    ok = math.isfinite(value) and lo <= value and (value < hi if hi_open else value <= hi)
+    if not ok:
+        raise _fail(key, value, f"a number in [{lo}, {hi}{')' if hi_open else ']'}")
+
+
+def _check_positive(key: str, value: int | float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise _fail(key, value, "a positive number")
+
+
+@dataclass(frozen=True)
+class ModelParams:
+    arch: str = "digits_cnn"
+    checkpoint: str | None = None  # null: the baseline stage trains the model itself
+
+    def validate(self) -> None:
+        from pipeline.models import MODELS
+
+        _check_choice("model.arch", self.arch, MODELS)
+
+
+@dataclass(frozen=True)
+class DataParams:
+    name: str = "digits"
+    root: str | None = None  # directory of on-disk datasets; unused by `digits`
+    test_fraction: float = 0.2  # `digits` only: share of the 1,797 images held out for testing
+    mean: list[float] | None = None  # per-channel normalisation; null: the dataset's default
+    std: list[float] | None = None
+
+    def validate(self) -> None:
+        from pipeline.data import DATASETS
+
+        _check_choice("data.name", self.name, DATASETS)
+        _check_range("data.test_fraction", self.test_fraction, 0.05, 0.5)
+        if (self.mean is None) != (self.std is None):
+            raise _fail("data.mean/data.std", (self.mean, self.std), "both null or both lists")
+        if self.std is not None and any(s <= 0 for s in self.std):
+            raise _fail("data.std", self.std, "positive numbers")
+
+
+@dataclass(frozen=True)
+class TrainParams:
+    """Shared by `baseline` and `finetune`: SGD with momentum, cosine learning-rate decay."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def validate(self, section: str) -> None:
+        if self.epochs < 0:
+            raise _fail(f"{section}.epochs", self.epochs, "an integer >= 0")
+        _check_positive(f"{section}.batch_size", self.batch_size)
+        _check_positive(f"{section}.lr", self.lr)
+        _check_range(f"{section}.momentum", self.momentum, 0.0, 1.0, hi_open=True)
+        _check_range(f"{section}.weight_decay", self.weight_decay, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class CalibrateParams:
+    size: int = 256  # calibration images drawn (seeded) from the training split
+    batch_size: int = 256
+
+    def validate(self) -> None:
+        _check_positive("calibrate.size", self.size)
+        _check_positive("calibrate.batch_size", self.batch_size)
+
+
+@dataclass(frozen=True)
+class ProfileParams:
+    levels: int = 41  # grid points 0, 1/(levels-1), ..., 1
+    batch_size: int = 256
+    threads: int = 1  # torch threads per profiling task; fixed so every backend gives equal bytes
+
+    def validate(self) -> None:
+        if self.levels < 2:
+            raise _fail("profile.levels", self.levels, "an integer >= 2 (grid 0, ..., 1)")
+        _check_positive("profile.batch_size", self.batch_size)
+        _check_positive("profile.threads", self.threads)
+
+
+@dataclass(frozen=True)
+class AllocateParams:
+    method: str = "rd"
+    distortion: str = "mean"  # which profiled curve the solver minimises
+
+    def validate(self) -> None:
+        from pipeline.allocation import ALLOCATORS
+
+        _check_choice("allocate.method", self.method, ALLOCATORS)
+        _check_choice("allocate.distortion", self.distortion, DISTORTION_KINDS)
+
+
+@dataclass(frozen=True)
+class PruneParams:
+    ratio: float = 0.8  # fraction of all prunable weights removed
+
+    def validate(self) -> None:
+        _check_range("prune.ratio", self.ratio, 0.0, 1.0, hi_open=True)
+
+
+@dataclass(frozen=True)
+class RayParams:
+    backend: str = "ray"
+    address: str | None = None  # null: embedded local instance; else "auto", "host:port", "ray://…"
+    num_cpus: int | None = None  # local instance only; null: all cores
+
+    def validate(self) -> None:
+        from pipeline.parallel import BACKENDS
+
+        _check_choice("ray.backend", self.backend, BACKENDS)
+        if self.num_cpus is not None:
+            _check_positive("ray.num_cpus", self.num_cpus)
+
+
+@dataclass(frozen=True)
+class MlflowParams:
+    tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite at the project root
+    experiment: str = "rdprune"
+
+    def validate(self) -> None:
+        if not self.experiment:
+            raise _fail("mlflow.experiment", self.experiment, "a non-empty name")
+
+
+@dataclass(frozen=True)
+class Params:
+    seed: int = 0
+    model: ModelParams = field(default_factory=ModelParams)
+    data: DataParams = field(default_factory=DataParams)
+    baseline: TrainParams = field(default_factory=lambda: TrainParams(epochs=30))
+    calibrate: CalibrateParams = field(default_factory=CalibrateParams)
+    profile: ProfileParams = field(default_factory=ProfileParams)
+    allocate: AllocateParams = field(default_factory=AllocateParams)
+    prune: PruneParams = field(default_factory=PruneParams)
+    finetune: TrainParams = field(default_factory=lambda: TrainParams(epochs=10, lr=0.01))
+    ray: RayParams = field(default_factory=RayParams)
+    mlflow: MlflowParams = field(default_factory=MlflowParams)
+
+    def validate(self) -> None:
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if isinstance(section, TrainParams):
+                section.validate(f.name)
+            elif dataclasses.is_dataclass(section):
+                section.validate()
+
+
+def _coerce(key: str, value: Any, hint: Any) -> Any:
+    """Check ``value`` against a field's type hint; ints are accepted where floats are."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _coerce(key, value, inner)
+    if origin is list:
+        (item,) = typing.get_args(hint)
+        if not isinstance(value, list) or not value:
+            raise _fail(key, value, f"a non-empty list of {item.__name__}")
+        return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):
+        raise _fail(key, value, f"a value of type {hint.__name__}")
+    return value
+
+
+def _build(cls: type, mapping: Mapping[str, Any], prefix: str, defaults: Any) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(mapping) - set(names))
+    if unknown:
+        where = f"section {prefix.rstrip('.')}" if prefix else "params.yaml"
+        raise PipelineError(
+            f"unknown param {prefix}{unknown[0]} in {where}; allowed: {', '.join(names)}"
+        )
+    values: dict[str, Any] = {}
+    for name in names:
+        key = f"{prefix}{name}"
+        default = getattr(defaults, name)
+        if name not in mapping:
+            values[name] = default
+        elif dataclasses.is_dataclass(default):
+            sub = mapping[name]
+            if not isinstance(sub, Mapping):
+                raise _fail(key, sub, "a mapping of params")
+            values[name] = _build(type(default), sub, f"{key}.", default)
+        else:
+            values[name] = _coerce(key, mapping[name], hints[name])
+    return cls(**values)
+
+
+def load_params(mapping: Mapping[str, Any] | None) -> Params:
+    """Validate a parsed params.yaml mapping; missing keys take the documented defaults."""
+    if mapping is None:
+        mapping = {}
+    if not isinstance(mapping, Mapping):
+        raise PipelineError("params.yaml must hold a mapping of sections; see README 'Params'")
+    params = _build(Params, mapping, "", Params())
+    params.validate()
+    return params
+
+
+def flatten(params: Params) -> dict[str, Any]:
+    """``{"prune.ratio": 0.8, ...}``: every param under its dotted params.yaml key."""
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(params):
+        value = getattr(params, f.name)
+        if dataclasses.is_dataclass(value):
+            for k, v in dataclasses.asdict(value).items():
+                out[f"{f.name}.{k}"] = v
+        else:
+            out[f.name] = value
+    return out

@@ -1,0 +1,298 @@
+"""The one module that knows file formats: params, Parquet tables, checkpoints, metrics, CSV.
+
+Every write is atomic (a temporary file in the target directory, then ``os.replace``), so a
+failing stage never leaves a half-written output behind, and byte-deterministic, so that DVC
+skips unchanged downstream work.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import yaml
+
+from pipeline.allocation import Allocation
+from pipeline.config import Params, load_params
+from pipeline.distortion import DistortionCurves
+from pipeline.errors import PipelineError
+
+SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage's outputs live, relative to the project root."""
+
+    root: Path = Path(".")
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.yaml"
+
+    @property
+    def baseline(self) -> Path:
+        return self.root / "artifacts" / "baseline.pt"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "artifacts" / "calibration.pt"
+
+    @property
+    def distortion(self) -> Path:
+        return self.root / "artifacts" / "distortion.parquet"
+
+    @property
+    def allocation(self) -> Path:
+        return self.root / "artifacts" / "allocation.parquet"
+
+    @property
+    def pruned(self) -> Path:
+        return self.root / "artifacts" / "pruned.pt"
+
+    @property
+    def finetuned(self) -> Path:
+        return self.root / "artifacts" / "finetuned.pt"
+
+    def metrics(self, stage: str) -> Path:
+        return self.root / "metrics" / f"{stage}.json"
+
+    def plot(self, name: str) -> Path:
+        return self.root / "plots" / f"{name}.csv"
+
+
+# ---------------------------------------------------------------------------- atomic writes
+def write_bytes_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ---------------------------------------------------------------------------- params
+def read_params(path: Path) -> Params:
+    """Parse and validate params.yaml."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"params file not found: {path}")
+    try:
+        mapping = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    return load_params(mapping)
+
+
+# ---------------------------------------------------------------------------- checkpoints
+def _torch_bytes(obj: Any) -> bytes:
+    # Saving into memory keeps the archive's internal name fixed (torch.save embeds the file
+    # name), so identical tensors always give identical bytes.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    return buffer.getvalue()
+
+
+def _torch_load(path: Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{what} not found: {path}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for corrupt archives
+        raise PipelineError(f"{what} {path} is corrupt or not a torch file ({type(exc).__name__})") from None
+
+
+def write_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """A plain state_dict: loads with ``torch.load`` + ``load_state_dict``."""
+    write_bytes_atomic(path, _torch_bytes({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}))
+
+
+def read_checkpoint(path: Path, what: str = "checkpoint") -> Any:
+    """The raw object of a checkpoint file (callers normalise it to a state_dict)."""
+    return _torch_load(path, what)
+
+
+def write_calibration(path: Path, inputs: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> None:
+    """inputs (N, ...) float32, labels (N,) int64, reference logits (N, classes) float32."""
+    write_bytes_atomic(path, _torch_bytes({"inputs": inputs, "labels": labels, "reference": reference}))
+
+
+def read_calibration(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    obj = _torch_load(path, "calibration set")
+    if not isinstance(obj, Mapping) or {"inputs", "labels", "reference"} - set(obj):
+        raise PipelineError(f"calibration set {path} lacks inputs/labels/reference; re-run calibrate")
+    return obj["inputs"], obj["labels"], obj["reference"]
+
+
+# ---------------------------------------------------------------------------- metrics, CSV
+def write_metrics(path: Path, metrics: Mapping[str, Any]) -> None:
+    write_bytes_atomic(path, (json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n").encode())
+
+
+def read_metrics(path: Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"metrics file not found: {path}; run the stage that writes it")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise PipelineError(f"metrics file {path} is not valid JSON") from None
+
+
+def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    write_bytes_atomic(path, buffer.getvalue().encode())
+
+
+# ---------------------------------------------------------------------------- Parquet tables
+def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
+    return pa.schema(fields, metadata={"rdprune.table": name, "rdprune.schema_version": SCHEMA_VERSION})
+
+
+DISTORTION_SCHEMA = _schema(
+    "distortion",
+    [
+        pa.field("layer", pa.string(), nullable=False),  # named_modules() path
+        pa.field("layer_index", pa.int32(), nullable=False),  # position in named_modules() order
+        pa.field("numel", pa.int64(), nullable=False),  # weights in the layer
+        pa.field("level", pa.int32(), nullable=False),  # index into the sparsity grid
+        pa.field("sparsity", pa.float64(), nullable=False),  # fraction of the layer zeroed
+        pa.field("kept", pa.int64(), nullable=False),  # weights kept at this level
+        pa.field("distortion", pa.float64(), nullable=False),  # mean per-sample logit MSE
+        pa.field("distortion_max", pa.float64(), nullable=False),  # max per-sample logit MSE
+    ],
+)
+
+ALLOCATION_SCHEMA = _schema(
+    "allocation",
+    [
+        pa.field("layer", pa.string(), nullable=False),
+        pa.field("numel", pa.int64(), nullable=False),
+        pa.field("level", pa.int32(), nullable=False),
+        pa.field("sparsity", pa.float64(), nullable=False),
+        pa.field("kept", pa.int64(), nullable=False),
+        pa.field("predicted_distortion", pa.float64(), nullable=False),
+    ],
+)
+
+
+def _write_table(path: Path, columns: dict[str, Any], schema: pa.Schema, extra: Mapping[str, str]) -> None:
+    table = pa.table(columns, schema=schema.with_metadata({**schema.metadata, **extra}))
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes_atomic(path, sink.getvalue().to_pybytes())
+
+
+def _read_table(path: Path, schema: pa.Schema, producer: str) -> pa.Table:
+    """Read and check a table: exact columns and types, no nulls, matching schema version."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; run the {producer} stage first")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise PipelineError(f"{path} is corrupt or not Parquet ({str(exc).splitlines()[0]})") from None
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
+    expected = schema.metadata[b"rdprune.schema_version"].decode()
+    if meta.get("rdprune.schema_version") != expected:
+        raise PipelineError(
+            f"{path} has schema version {meta.get('rdprune.schema_version')!r}; "
+            f"allowed: {expected!r} (re-run the {producer} stage)"
+        )
+    for f in schema:
+        if f.name not in table.column_names:
+            raise PipelineError(f"{path} lacks column {f.name!r}; re-run the {producer} stage")
+        if table.schema.field(f.name).type != f.type:
+            raise PipelineError(f"{path} column {f.name!r} has type {table.schema.field(f.name).type}; allowed: {f.type}")
+        if table.column(f.name).null_count:
+            raise PipelineError(f"{path} column {f.name!r} has nulls; allowed: none")
+    return table
+
+
+def write_distortion(path: Path, curves: DistortionCurves, extra: Mapping[str, str]) -> None:
+    """One row per layer x level, layers in order, levels ascending."""
+    n_layers, n_levels = len(curves.layers), len(curves.sparsity)
+    columns = {
+        "layer": np.repeat(np.array(curves.layers, dtype=object), n_levels),
+        "layer_index": np.repeat(np.arange(n_layers, dtype=np.int32), n_levels),
+        "numel": np.repeat(curves.numel.astype(np.int64), n_levels),
+        "level": np.tile(np.arange(n_levels, dtype=np.int32), n_layers),
+        "sparsity": np.tile(curves.sparsity, n_layers),
+        "kept": curves.kept().ravel(),
+        "distortion": curves.mean.ravel(),
+        "distortion_max": curves.max.ravel(),
+    }
+    _write_table(path, columns, DISTORTION_SCHEMA, extra)
+
+
+def read_distortion(path: Path) -> DistortionCurves:
+    """Rebuild the (L, K) curves; a table with missing or duplicate levels is rejected."""
+    table = _read_table(path, DISTORTION_SCHEMA, "profile").sort_by([("layer_index", "ascending"), ("level", "ascending")])
+    cols = {name: table.column(name).to_numpy() for name in table.column_names}
+    order = np.unique(cols["layer_index"])
+    n_layers, n_levels = len(order), int(cols["level"].max()) + 1 if len(cols["level"]) else 0
+    full = (
+        n_layers * n_levels == table.num_rows
+        and np.array_equal(cols["level"], np.tile(np.arange(n_levels), n_layers))
+        and np.array_equal(order, np.arange(n_layers))
+    )
+    if not full:
+        raise PipelineError(f"{path} does not hold every level for every layer; re-run the profile stage")
+    grid = lambda name: cols[name].reshape(n_layers, n_levels)  # noqa: E731
+    layers = [str(x) for x in cols["layer"][::n_levels]]
+    if not all((grid("sparsity") == grid("sparsity")[0]).all(axis=1)):
+        raise PipelineError(f"{path} has different sparsity grids per layer; re-run the profile stage")
+    return DistortionCurves(
+        layers=layers,
+        numel=grid("numel")[:, 0].astype(np.int64),
+        sparsity=grid("sparsity")[0].astype(np.float64),
+        mean=grid("distortion").astype(np.float64),
+        max=grid("distortion_max").astype(np.float64),
+    )
+
+
+def write_allocation(path: Path, allocation: Allocation, extra: Mapping[str, str]) -> None:
+    columns = {
+        "layer": allocation.layers,
+        "numel": allocation.numel,
+        "level": allocation.level.astype(np.int32),
+        "sparsity": allocation.sparsity,
+        "kept": allocation.kept,
+        "predicted_distortion": allocation.predicted_distortion,
+    }
+    _write_table(path, columns, ALLOCATION_SCHEMA, extra)
+
+
+def read_allocation(path: Path) -> Allocation:
+    table = _read_table(path, ALLOCATION_SCHEMA, "allocate")
+    col = lambda name: table.column(name).to_numpy()  # noqa: E731
+    return Allocation(
+        layers=[str(x) for x in table.column("layer").to_pylist()],
+        numel=col("numel").astype(np.int64),
+        level=col("level").astype(np.int64),
+        sparsity=col("sparsity").astype(np.float64),
+        kept=col("kept").astype(np.int64),
+        predicted_distortion=col("predicted_distortion").astype(np.float64),
+    )

@@ -1,0 +1,58 @@
+"""Magnitude masks. A mask is a bool tensor shaped like the weight, True = keep."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from pipeline.layers import prunable_layers
+
+
+def pruned_count(numel: int, sparsity: float) -> int:
+    """Number of weights zeroed at ``sparsity``: round(sparsity * numel), halves rounded up."""
+    return min(numel, max(0, math.floor(sparsity * numel + 0.5)))
+
+
+def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
+    """Keep all but the ``pruned_count`` smallest-magnitude weights.
+
+    Ties are broken by flat index (a stable sort), so the zero count is always exact and the
+    same weight tensor always gives the same mask.
+    """
+    k = pruned_count(weight.numel(), sparsity)
+    mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
+    if k:
+        order = torch.argsort(weight.detach().abs().flatten(), stable=True)
+        mask[order[:k]] = False
+    return mask.view_as(weight)
+
+
+def magnitude_masks(model: nn.Module, sparsities: Mapping[str, float]) -> dict[str, torch.Tensor]:
+    """``{layer: magnitude_mask(weight, sparsity)}`` for the named layers."""
+    modules = dict(model.named_modules())
+    return {name: magnitude_mask(modules[name].weight, s) for name, s in sparsities.items()}
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
+    """Zero the weights that ``masks`` (layer name -> mask) drop, in place."""
+    modules = dict(model.named_modules())
+    for name, mask in masks.items():
+        modules[name].weight.mul_(mask.to(modules[name].weight.dtype))
+
+
+def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Masks of a pruned model: a weight is kept when it is non-zero."""
+    return {name: m.weight.detach() != 0 for name, m in prunable_layers(model)}
+
+
+def zero_count(model: nn.Module) -> tuple[int, int]:
+    """(zero weights, all weights) over the prunable layers."""
+    zeros = total = 0
+    for _, m in prunable_layers(model):
+        zeros += int((m.weight == 0).sum())
+        total += m.weight.numel()
+    return zeros, total

@@ -1,0 +1,88 @@
+"""Glue shared by the stage scripts: command line, error reporting, model loading, the result
+record sent to the tracking store."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from torch import nn
+
+from pipeline import io
+from pipeline.config import Params, flatten
+from pipeline.errors import PipelineError
+from pipeline.models import build_model, load_weights, normalize_state_dict
+from pipeline.training import EpochStats
+
+log = logging.getLogger("rdprune")
+
+
+def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | None = None) -> int:
+    """Parse ``--root``, read params.yaml there, run ``body``; a PipelineError becomes one
+    ``error: ...`` line on stderr and exit status 2."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--root", default=".", help="project root holding params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    try:
+        paths = io.Paths(Path(args.root))
+        body(io.read_params(paths.params), paths)
+    except PipelineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def load_model(params: Params, path: Path, in_channels: int, num_classes: int, what: str) -> nn.Module:
+    """The registry's ``model.arch`` with the weights of checkpoint ``path``, in eval mode."""
+    model = build_model(params.model.arch, in_channels, num_classes)
+    state = normalize_state_dict(io.read_checkpoint(path, what))
+    load_weights(model, state, str(path), params.model.arch)
+    return model.eval()
+
+
+def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> str:
+    """Send one pipeline result (all params, headline metrics, curves, allocation) to MLflow."""
+    from pipeline import tracking
+    from pipeline.plots import allocation_figure, finetune_figure
+
+    calibrate, allocate = io.read_metrics(paths.metrics("calibrate")), io.read_metrics(paths.metrics("allocate"))
+    prune, finetune = io.read_metrics(paths.metrics("prune")), io.read_metrics(paths.metrics("finetune"))
+    allocation = io.read_allocation(paths.allocation)
+    table = {
+        "layer": allocation.layers,
+        "numel": allocation.numel.tolist(),
+        "sparsity": allocation.sparsity.tolist(),
+        "kept": allocation.kept.tolist(),
+        "predicted_distortion": allocation.predicted_distortion.tolist(),
+    }
+    epochs = [h.epoch for h in history]
+    figures = {"allocation.png": allocation_figure(allocation, params.prune.ratio)}
+    if history:
+        figures["finetune.png"] = finetune_figure(epochs, [h.loss for h in history], [h.accuracy for h in history])
+    return tracking.log_pipeline_run(
+        tracking_uri=tracking.resolve_tracking_uri(params.mlflow.tracking_uri, paths.root),
+        experiment=params.mlflow.experiment,
+        run_name=f"{params.allocate.method} ratio={params.prune.ratio:g}",
+        params=flatten(params),
+        metrics={
+            "dense_accuracy": calibrate["dense_accuracy"],
+            "prune_accuracy": prune["accuracy"],
+            "finetune_accuracy": finetune["accuracy"],
+            "sparsity": finetune["sparsity"],
+            "predicted_distortion": allocate["predicted_distortion"],
+            "measured_distortion": prune["measured_distortion"],
+        },
+        steps={
+            "finetune_epoch_loss": [(h.epoch, h.loss) for h in history],
+            "finetune_epoch_accuracy": [(h.epoch, h.accuracy) for h in history],
+        },
+        tables={"allocation.json": table},
+        figures=figures,
+        artifacts=[paths.allocation],
+        tags={"dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""), "rdprune.stage": "finetune"},
+    )

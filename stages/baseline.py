@@ -1,0 +1,44 @@
+"""baseline: train the default model (seeded) or adopt `model.checkpoint`; write artifacts/baseline.pt."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import torch
+
+from pipeline import io
+from pipeline.config import Params
+from pipeline.data import load_dataset
+from pipeline.evaluation import accuracy
+from pipeline.models import build_model, load_weights, normalize_state_dict
+from pipeline.stage import log, run_stage
+from pipeline.training import train
+
+
+def run(params: Params, paths: io.Paths) -> None:
+    splits = load_dataset(params.data)
+    torch.manual_seed(params.seed)  # seeded initialisation
+    model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
+    epochs = 0
+    if params.model.checkpoint is None:
+        history = train(model, splits.train, params.baseline, params.seed,
+                        evaluate=lambda m: accuracy(m, splits.test))
+        epochs = len(history)
+        for h in history:
+            log.info("baseline epoch %d: loss %.4f, test accuracy %.4f", h.epoch, h.loss, h.accuracy)
+    else:
+        state = normalize_state_dict(io.read_checkpoint(params.model.checkpoint, "model.checkpoint"))
+        load_weights(model, state, params.model.checkpoint, params.model.arch)
+    test_accuracy = accuracy(model, splits.test)
+    io.write_state_dict(paths.baseline, model.state_dict())
+    io.write_metrics(paths.metrics("baseline"), {"accuracy": test_accuracy, "epochs": epochs})
+    log.info("baseline: test accuracy %.4f -> %s", test_accuracy, paths.baseline)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_stage(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,98 @@
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from pipeline import io
+from pipeline.allocation import allocate_rd
+from pipeline.distortion import DistortionCurves, sparsity_grid
+from pipeline.errors import PipelineError
+from pipeline.models import build_model, load_weights, normalize_state_dict
+
+
+def make_curves() -> DistortionCurves:
+    rng = np.random.default_rng(0)
+    mean = np.cumsum(rng.random((3, 5)), axis=1)
+    return DistortionCurves(["a.conv", "b", "head"], np.array([9, 100, 7]), sparsity_grid(5), mean, 2 * mean)
+
+
+def test_distortion_roundtrip_schema_and_bytes(tmp_path):
+    curves = make_curves()
+    io.write_distortion(tmp_path / "d.parquet", curves, {"rdprune.arch": "x"})
+    io.write_distortion(tmp_path / "e.parquet", curves, {"rdprune.arch": "x"})
+    assert (tmp_path / "d.parquet").read_bytes() == (tmp_path / "e.parquet").read_bytes()
+    table = pq.read_table(tmp_path / "d.parquet")
+    assert table.num_rows == 15
+    assert table.schema.field("layer").type == pa.string()
+    assert table.schema.field("numel").type == pa.int64()
+    assert table.schema.metadata[b"rdprune.schema_version"] == b"1"
+    back = io.read_distortion(tmp_path / "d.parquet")
+    assert back.layers == curves.layers
+    assert np.array_equal(back.mean, curves.mean) and np.array_equal(back.max, curves.max)
+    assert np.array_equal(back.sparsity, curves.sparsity) and np.array_equal(back.numel, curves.numel)
+
+
+def test_allocation_roundtrip(tmp_path):
+    allocation = allocate_rd(make_curves(), 0.5, "mean")
+    io.write_allocation(tmp_path / "a.parquet", allocation, {})
+    back = io.read_allocation(tmp_path / "a.parquet")
+    assert back.layers == allocation.layers and np.array_equal(back.kept, allocation.kept)
+    assert np.array_equal(back.sparsity, allocation.sparsity)
+
+
+def test_missing_level_and_corrupt_tables_are_rejected(tmp_path):
+    path = tmp_path / "d.parquet"
+    io.write_distortion(path, make_curves(), {})
+    table = pq.read_table(path)
+    pq.write_table(table.slice(0, 14), tmp_path / "short.parquet")
+    with pytest.raises(PipelineError, match="every level"):
+        io.read_distortion(tmp_path / "short.parquet")
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
+    with pytest.raises(PipelineError, match="corrupt or not Parquet"):
+        io.read_distortion(tmp_path / "bad.parquet")
+    with pytest.raises(PipelineError, match="run the profile stage"):
+        io.read_distortion(tmp_path / "missing.parquet")
+    old = table.replace_schema_metadata({b"rdprune.schema_version": b"0"})
+    pq.write_table(old, tmp_path / "old.parquet")
+    with pytest.raises(PipelineError, match="schema version"):
+        io.read_distortion(tmp_path / "old.parquet")
+
+
+def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def boom(*args):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io.os, "replace", boom)
+    with pytest.raises(OSError):
+        io.write_bytes_atomic(target, b"new")
+    assert target.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_checkpoint_roundtrip_is_plain_and_deterministic(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("digits_cnn", 1, 10)
+    io.write_state_dict(tmp_path / "a.pt", model.state_dict())
+    io.write_state_dict(tmp_path / "b.pt", model.state_dict())
+    assert (tmp_path / "a.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
+    fresh = build_model("digits_cnn", 1, 10)
+    fresh.load_state_dict(torch.load(tmp_path / "a.pt"))  # plain torch.load + load_state_dict
+    assert torch.equal(fresh.fc.weight, model.fc.weight)
+
+
+def test_mismatched_and_corrupt_checkpoints(tmp_path):
+    model = build_model("digits_cnn", 1, 10)
+    other = build_model("digits_cnn", 1, 7)
+    with pytest.raises(PipelineError, match=r"does not match model.arch = 'digits_cnn' \(shape: fc.bias"):
+        load_weights(model, other.state_dict(), "x.pt", "digits_cnn")
+    wrapped = {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}
+    load_weights(other.__class__(1, 10), normalize_state_dict(wrapped), "x.pt", "digits_cnn")
+    (tmp_path / "bad.pt").write_bytes(b"garbage")
+    with pytest.raises(PipelineError, match="corrupt"):
+        io.read_checkpoint(tmp_path / "bad.pt")
+    with pytest.raises(PipelineError, match="not found"):
+        io.read_checkpoint(tmp_path / "none.pt", "model.checkpoint")

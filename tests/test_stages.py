@@ -1,0 +1,133 @@
+"""Every stage run in process on a tiny configuration (serial backend), then bad input."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from pipeline import io
+from pipeline.models import build_model
+from stages import allocate, baseline, calibrate, finetune, profile, prune
+
+STAGES = [baseline, calibrate, profile, allocate, prune, finetune]
+TINY = {
+    "baseline": {"epochs": 2},
+    "calibrate": {"size": 32},
+    "profile": {"levels": 6},
+    "finetune": {"epochs": 2},
+    "ray": {"backend": "serial"},
+    "prune": {"ratio": 0.6},
+}
+
+
+def write_params(root: Path, **overrides) -> None:
+    params = json.loads(json.dumps(TINY))
+    for section, values in overrides.items():
+        params.setdefault(section, {}).update(values)
+    params.setdefault("mlflow", {})["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("project")
+    write_params(root)
+    for stage in STAGES:
+        assert stage.main(["--root", str(root)]) == 0, stage.__name__
+    return root
+
+
+def test_outputs_and_metrics(project):
+    paths = io.Paths(project)
+    table = pq.read_table(paths.distortion)
+    assert table.num_rows == 5 * 6
+    assert {"layer", "numel", "level", "sparsity", "distortion", "distortion_max"} <= set(table.column_names)
+    allocation = io.read_allocation(paths.allocation)
+    assert allocation.layers == ["conv1", "conv2", "conv3", "conv4", "fc"]
+    prune_metrics = io.read_metrics(paths.metrics("prune"))
+    assert prune_metrics["sparsity"] >= 0.6
+    assert 0 <= prune_metrics["accuracy"] <= 1
+    assert prune_metrics["predicted_distortion"] == pytest.approx(allocation.predicted_distortion.sum())
+    assert io.read_metrics(paths.metrics("allocate"))["sparsity"] == pytest.approx(prune_metrics["sparsity"])
+    assert 0 <= io.read_metrics(paths.metrics("calibrate"))["dense_accuracy"] <= 1
+    # pruned and fine-tuned checkpoints load plainly and keep exactly the allocated zeros
+    for ckpt in (paths.pruned, paths.finetuned):
+        model = build_model("digits_cnn", 1, 10)
+        model.load_state_dict(torch.load(ckpt))
+        for name, kept in zip(allocation.layers, allocation.kept, strict=True):
+            assert int((dict(model.named_modules())[name].weight != 0).sum()) == kept
+
+
+def test_profile_is_byte_deterministic(project, tmp_path):
+    shutil.copytree(project, tmp_path / "again")
+    (tmp_path / "again" / "artifacts" / "distortion.parquet").unlink()
+    assert profile.main(["--root", str(tmp_path / "again")]) == 0
+    assert (io.Paths(project).distortion.read_bytes()
+            == io.Paths(tmp_path / "again").distortion.read_bytes())
+
+
+def test_mlflow_run_holds_the_result(project):
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])
+    assert run.data.params["prune.ratio"] == "0.6" and run.data.params["allocate.method"] == "rd"
+    for key in ("dense_accuracy", "prune_accuracy", "finetune_accuracy", "sparsity",
+                "predicted_distortion", "measured_distortion"):
+        assert key in run.data.metrics
+    history = client.get_metric_history(run.info.run_id, "finetune_epoch_loss")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"allocation.json", "allocation.png", "allocation.parquet", "finetune.png"} <= artifacts
+    assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(project)
+
+
+def test_bad_ratio_fails_cleanly_and_keeps_outputs(project, tmp_path, capsys):
+    root = tmp_path / "bad"
+    shutil.copytree(project, root)
+    before = io.Paths(root).allocation.read_bytes()
+    write_params(root, prune={"ratio": 1.5})
+    assert allocate.main(["--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: prune.ratio = 1.5") and "[0.0, 1.0)" in err[-1]
+    assert io.Paths(root).allocation.read_bytes() == before
+    assert not list((root / "artifacts").glob(".*tmp"))
+
+
+def test_mismatched_allocation_and_corrupt_calibration(project, tmp_path, capsys):
+    root = tmp_path / "mismatch"
+    shutil.copytree(project, root)
+    paths = io.Paths(root)
+    allocation = io.read_allocation(paths.allocation)
+    renamed = allocation.__class__(["x", *allocation.layers[1:]], allocation.numel, allocation.level,
+                                   allocation.sparsity, allocation.kept, allocation.predicted_distortion)
+    io.write_allocation(paths.allocation, renamed, {})
+    pruned_before = paths.pruned.read_bytes()
+    assert prune.main(["--root", str(root)]) == 2
+    assert "different model" in capsys.readouterr().err
+    assert paths.pruned.read_bytes() == pruned_before
+    paths.calibration.write_bytes(b"\x00" * 10)
+    assert profile.main(["--root", str(root)]) == 2
+    assert "corrupt" in capsys.readouterr().err
+
+
+def test_missing_checkpoint_param(tmp_path, capsys):
+    write_params(tmp_path, model={"checkpoint": str(tmp_path / "nope.pt")})
+    assert baseline.main(["--root", str(tmp_path)]) == 2
+    assert "model.checkpoint not found" in capsys.readouterr().err
+    assert not (tmp_path / "artifacts").exists() or not any((tmp_path / "artifacts").iterdir())
+
+
+def test_given_checkpoint_is_adopted(project, tmp_path):
+    src = build_model("digits_cnn", 1, 10)
+    ckpt = tmp_path / "given.pt"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in src.state_dict().items()}}, ckpt)
+    write_params(tmp_path, model={"checkpoint": str(ckpt)})
+    assert baseline.main(["--root", str(tmp_path)]) == 0
+    adopted = torch.load(io.Paths(tmp_path).baseline)
+    assert all(np.array_equal(adopted[k], v) for k, v in src.state_dict().items())
