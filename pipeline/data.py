@@ -68,13 +68,13 @@ def load_dataset(params: DataParams) -> DatasetSplits:
     return DATASETS[params.name](params)
 
 
-def calibration_subset(
-    dataset: Dataset, size: int, seed: int
-) -> tuple[torch.Tensor, torch.Tensor]:
+def calibration_subset(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Seeded sample of ``size`` distinct items: inputs (size, C, H, W) float32, labels (size,)."""
     n = len(dataset)  # type: ignore[arg-type]
     if size > n:
-        raise PipelineError(f"calibrate.size = {size} exceeds the {n} training images; allowed: 1..{n}")
+        raise PipelineError(
+            f"calibrate.size = {size} exceeds the {n} training images; allowed: 1..{n}"
+        )
     indices = np.random.default_rng(seed).choice(n, size=size, replace=False)
     items = [dataset[int(i)] for i in indices]
     inputs = torch.stack([x for x, _ in items]).to(torch.float32)

@@ -118,12 +118,16 @@ def _torch_load(path: Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types for corrupt archives
-        raise PipelineError(f"{what} {path} is corrupt or not a torch file ({type(exc).__name__})") from None
+        raise PipelineError(
+            f"{what} {path} is corrupt or not a torch file ({type(exc).__name__})"
+        ) from None
 
 
 def write_state_dict(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
     """A plain state_dict: loads with ``torch.load`` + ``load_state_dict``."""
-    write_bytes_atomic(path, _torch_bytes({k: v.detach().cpu().contiguous() for k, v in state_dict.items()}))
+    write_bytes_atomic(
+        path, _torch_bytes({k: v.detach().cpu().contiguous() for k, v in state_dict.items()})
+    )
 
 
 def read_checkpoint(path: Path, what: str = "checkpoint") -> Any:
@@ -131,15 +135,21 @@ def read_checkpoint(path: Path, what: str = "checkpoint") -> Any:
     return _torch_load(path, what)
 
 
-def write_calibration(path: Path, inputs: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor) -> None:
+def write_calibration(
+    path: Path, inputs: torch.Tensor, labels: torch.Tensor, reference: torch.Tensor
+) -> None:
     """inputs (N, ...) float32, labels (N,) int64, reference logits (N, classes) float32."""
-    write_bytes_atomic(path, _torch_bytes({"inputs": inputs, "labels": labels, "reference": reference}))
+    write_bytes_atomic(
+        path, _torch_bytes({"inputs": inputs, "labels": labels, "reference": reference})
+    )
 
 
 def read_calibration(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     obj = _torch_load(path, "calibration set")
     if not isinstance(obj, Mapping) or {"inputs", "labels", "reference"} - set(obj):
-        raise PipelineError(f"calibration set {path} lacks inputs/labels/reference; re-run calibrate")
+        raise PipelineError(
+            f"calibration set {path} lacks inputs/labels/reference; re-run calibrate"
+        )
     return obj["inputs"], obj["labels"], obj["reference"]
 
 
@@ -168,7 +178,9 @@ def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) 
 
 # ---------------------------------------------------------------------------- Parquet tables
 def _schema(name: str, fields: list[pa.Field]) -> pa.Schema:
-    return pa.schema(fields, metadata={"rdprune.table": name, "rdprune.schema_version": SCHEMA_VERSION})
+    return pa.schema(
+        fields, metadata={"rdprune.table": name, "rdprune.schema_version": SCHEMA_VERSION}
+    )
 
 
 DISTORTION_SCHEMA = _schema(
@@ -198,7 +210,9 @@ ALLOCATION_SCHEMA = _schema(
 )
 
 
-def _write_table(path: Path, columns: dict[str, Any], schema: pa.Schema, extra: Mapping[str, str]) -> None:
+def _write_table(
+    path: Path, columns: dict[str, Any], schema: pa.Schema, extra: Mapping[str, str]
+) -> None:
     table = pa.table(columns, schema=schema.with_metadata({**schema.metadata, **extra}))
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -213,7 +227,9 @@ def _read_table(path: Path, schema: pa.Schema, producer: str) -> pa.Table:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
-        raise PipelineError(f"{path} is corrupt or not Parquet ({str(exc).splitlines()[0]})") from None
+        raise PipelineError(
+            f"{path} is corrupt or not Parquet ({str(exc).splitlines()[0]})"
+        ) from None
     meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     expected = schema.metadata[b"rdprune.schema_version"].decode()
     if meta.get("rdprune.schema_version") != expected:
@@ -224,8 +240,9 @@ def _read_table(path: Path, schema: pa.Schema, producer: str) -> pa.Table:
     for f in schema:
         if f.name not in table.column_names:
             raise PipelineError(f"{path} lacks column {f.name!r}; re-run the {producer} stage")
-        if table.schema.field(f.name).type != f.type:
-            raise PipelineError(f"{path} column {f.name!r} has type {table.schema.field(f.name).type}; allowed: {f.type}")
+        found = table.schema.field(f.name).type
+        if found != f.type:
+            raise PipelineError(f"{path} column {f.name!r} has type {found}; allowed: {f.type}")
         if table.column(f.name).null_count:
             raise PipelineError(f"{path} column {f.name!r} has nulls; allowed: none")
     return table
@@ -249,7 +266,9 @@ def write_distortion(path: Path, curves: DistortionCurves, extra: Mapping[str, s
 
 def read_distortion(path: Path) -> DistortionCurves:
     """Rebuild the (L, K) curves; a table with missing or duplicate levels is rejected."""
-    table = _read_table(path, DISTORTION_SCHEMA, "profile").sort_by([("layer_index", "ascending"), ("level", "ascending")])
+    table = _read_table(path, DISTORTION_SCHEMA, "profile").sort_by(
+        [("layer_index", "ascending"), ("level", "ascending")]
+    )
     cols = {name: table.column(name).to_numpy() for name in table.column_names}
     order = np.unique(cols["layer_index"])
     n_layers, n_levels = len(order), int(cols["level"].max()) + 1 if len(cols["level"]) else 0
@@ -259,11 +278,15 @@ def read_distortion(path: Path) -> DistortionCurves:
         and np.array_equal(order, np.arange(n_layers))
     )
     if not full:
-        raise PipelineError(f"{path} does not hold every level for every layer; re-run the profile stage")
+        raise PipelineError(
+            f"{path} does not hold every level for every layer; re-run the profile stage"
+        )
     grid = lambda name: cols[name].reshape(n_layers, n_levels)  # noqa: E731
     layers = [str(x) for x in cols["layer"][::n_levels]]
     if not all((grid("sparsity") == grid("sparsity")[0]).all(axis=1)):
-        raise PipelineError(f"{path} has different sparsity grids per layer; re-run the profile stage")
+        raise PipelineError(
+            f"{path} has different sparsity grids per layer; re-run the profile stage"
+        )
     return DistortionCurves(
         layers=layers,
         numel=grid("numel")[:, 0].astype(np.int64),

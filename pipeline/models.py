@@ -58,7 +58,9 @@ def digits_cnn(in_channels: int, num_classes: int) -> nn.Module:
 def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     """Instantiate a registered model in eval mode."""
     if arch not in MODELS:
-        raise PipelineError(f"model.arch = {arch!r} is unknown; allowed: {', '.join(sorted(MODELS))}")
+        raise PipelineError(
+            f"model.arch = {arch!r} is unknown; allowed: {', '.join(sorted(MODELS))}"
+        )
     return MODELS[arch](in_channels, num_classes).eval()
 
 
@@ -71,7 +73,9 @@ def normalize_state_dict(obj: object) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
-def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, arch: str) -> None:
+def load_weights(
+    model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str, arch: str
+) -> None:
     """Strict ``load_state_dict`` whose failure names the checkpoint, the arch and the keys."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))

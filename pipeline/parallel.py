@@ -24,7 +24,11 @@ log = logging.getLogger(__name__)
 
 
 def _serial(
-    fn: Callable[..., T], items: Sequence[Any], shared: Mapping[str, Any], desc: str, params: RayParams
+    fn: Callable[..., T],
+    items: Sequence[Any],
+    shared: Mapping[str, Any],
+    desc: str,
+    params: RayParams,
 ) -> list[T]:
     return [fn(item, **shared) for item in tqdm(items, desc=desc, unit="task")]
 
@@ -36,11 +40,15 @@ def _check_reachable(address: str) -> None:
     hostport = address.removeprefix("ray://")
     host, _, port = hostport.rpartition(":")
     if not host or not port.isdigit():
-        raise PipelineError(f"ray.address = {address!r} is malformed; allowed: null, 'auto', 'host:port', 'ray://host:port'")
+        raise PipelineError(
+            f"ray.address = {address!r} is malformed; allowed: null, 'auto', 'host:port', 'ray://host:port'"
+        )
     try:
         socket.create_connection((host, int(port)), timeout=5).close()
     except OSError as exc:
-        raise PipelineError(f"ray.address = {address!r} is unreachable ({exc.strerror or exc}); is the cluster up?") from None
+        raise PipelineError(
+            f"ray.address = {address!r} is unreachable ({exc.strerror or exc}); is the cluster up?"
+        ) from None
 
 
 def _init_ray(params: RayParams) -> None:
@@ -57,11 +65,17 @@ def _init_ray(params: RayParams) -> None:
     try:
         ray.init(address=params.address, runtime_env=runtime_env, logging_level=logging.WARNING)
     except ConnectionError as exc:
-        raise PipelineError(f"ray.address = {params.address!r}: no Ray cluster there ({exc})") from None
+        raise PipelineError(
+            f"ray.address = {params.address!r}: no Ray cluster there ({exc})"
+        ) from None
 
 
 def _ray(
-    fn: Callable[..., T], items: Sequence[Any], shared: Mapping[str, Any], desc: str, params: RayParams
+    fn: Callable[..., T],
+    items: Sequence[Any],
+    shared: Mapping[str, Any],
+    desc: str,
+    params: RayParams,
 ) -> list[T]:
     import ray
 
@@ -83,7 +97,9 @@ def _ray(
             ray.shutdown()
 
 
-Backend = Callable[[Callable[..., Any], Sequence[Any], Mapping[str, Any], str, RayParams], list[Any]]
+Backend = Callable[
+    [Callable[..., Any], Sequence[Any], Mapping[str, Any], str, RayParams], list[Any]
+]
 BACKENDS: dict[str, Backend] = {"serial": _serial, "ray": _ray}
 
 
@@ -97,5 +113,7 @@ def map_tasks(
 ) -> list[T]:
     """``[fn(item, **shared) for item in items]`` on the backend ``params.backend`` names."""
     if params.backend not in BACKENDS:
-        raise PipelineError(f"ray.backend = {params.backend!r} is unknown; allowed: {', '.join(BACKENDS)}")
+        raise PipelineError(
+            f"ray.backend = {params.backend!r} is unknown; allowed: {', '.join(BACKENDS)}"
+        )
     return BACKENDS[params.backend](fn, items, shared, desc, params)

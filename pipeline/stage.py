@@ -27,7 +27,9 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default=".", help="project root holding params.yaml")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
+    )
     try:
         paths = io.Paths(Path(args.root))
         body(io.read_params(paths.params), paths)
@@ -37,7 +39,9 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     return 0
 
 
-def load_model(params: Params, path: Path, in_channels: int, num_classes: int, what: str) -> nn.Module:
+def load_model(
+    params: Params, path: Path, in_channels: int, num_classes: int, what: str
+) -> nn.Module:
     """The registry's ``model.arch`` with the weights of checkpoint ``path``, in eval mode."""
     model = build_model(params.model.arch, in_channels, num_classes)
     state = normalize_state_dict(io.read_checkpoint(path, what))
@@ -50,8 +54,14 @@ def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> st
     from pipeline import tracking
     from pipeline.plots import allocation_figure, finetune_figure
 
-    calibrate, allocate = io.read_metrics(paths.metrics("calibrate")), io.read_metrics(paths.metrics("allocate"))
-    prune, finetune = io.read_metrics(paths.metrics("prune")), io.read_metrics(paths.metrics("finetune"))
+    calibrate, allocate = (
+        io.read_metrics(paths.metrics("calibrate")),
+        io.read_metrics(paths.metrics("allocate")),
+    )
+    prune, finetune = (
+        io.read_metrics(paths.metrics("prune")),
+        io.read_metrics(paths.metrics("finetune")),
+    )
     allocation = io.read_allocation(paths.allocation)
     table = {
         "layer": allocation.layers,
@@ -63,7 +73,9 @@ def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> st
     epochs = [h.epoch for h in history]
     figures = {"allocation.png": allocation_figure(allocation, params.prune.ratio)}
     if history:
-        figures["finetune.png"] = finetune_figure(epochs, [h.loss for h in history], [h.accuracy for h in history])
+        figures["finetune.png"] = finetune_figure(
+            epochs, [h.loss for h in history], [h.accuracy for h in history]
+        )
     return tracking.log_pipeline_run(
         tracking_uri=tracking.resolve_tracking_uri(params.mlflow.tracking_uri, paths.root),
         experiment=params.mlflow.experiment,

@@ -19,9 +19,13 @@ class EpochStats:
     accuracy: float | None  # from the ``evaluate`` callback, fraction in [0, 1]
 
 
-def _masked_params(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def _masked_params(
+    model: nn.Module, masks: dict[str, torch.Tensor]
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     modules = dict(model.named_modules())
-    return [(modules[name].weight, mask.to(modules[name].weight.dtype)) for name, mask in masks.items()]
+    return [
+        (modules[name].weight, mask.to(modules[name].weight.dtype)) for name, mask in masks.items()
+    ]
 
 
 def train(
@@ -40,7 +44,10 @@ def train(
     """
     torch.manual_seed(seed)
     loader = DataLoader(
-        dataset, batch_size=params.batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed)
+        dataset,
+        batch_size=params.batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(seed),
     )
     optimizer = torch.optim.SGD(
         model.parameters(), lr=params.lr, momentum=params.momentum, weight_decay=params.weight_decay

@@ -1,4 +1,4 @@
-"""baseline: train the default model (seeded) or adopt `model.checkpoint`; write artifacts/baseline.pt."""
+"""baseline: train the default model (seeded) or adopt `model.checkpoint` as the dense model."""
 
 from __future__ import annotations
 
@@ -22,13 +22,22 @@ def run(params: Params, paths: io.Paths) -> None:
     model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
     epochs = 0
     if params.model.checkpoint is None:
-        history = train(model, splits.train, params.baseline, params.seed,
-                        evaluate=lambda m: accuracy(m, splits.test))
+        history = train(
+            model,
+            splits.train,
+            params.baseline,
+            params.seed,
+            evaluate=lambda m: accuracy(m, splits.test),
+        )
         epochs = len(history)
         for h in history:
-            log.info("baseline epoch %d: loss %.4f, test accuracy %.4f", h.epoch, h.loss, h.accuracy)
+            log.info(
+                "baseline epoch %d: loss %.4f, test accuracy %.4f", h.epoch, h.loss, h.accuracy
+            )
     else:
-        state = normalize_state_dict(io.read_checkpoint(params.model.checkpoint, "model.checkpoint"))
+        state = normalize_state_dict(
+            io.read_checkpoint(params.model.checkpoint, "model.checkpoint")
+        )
         load_weights(model, state, params.model.checkpoint, params.model.arch)
     test_accuracy = accuracy(model, splits.test)
     io.write_state_dict(paths.baseline, model.state_dict())

@@ -1,4 +1,4 @@
-"""calibrate: seeded calibration subset (eval transforms), dense reference logits, dense accuracy."""
+"""calibrate: seeded calibration subset, the dense model's reference logits and accuracy."""
 
 from __future__ import annotations
 
@@ -15,7 +15,9 @@ from pipeline.stage import load_model, log, run_stage
 def run(params: Params, paths: io.Paths) -> None:
     splits = load_dataset(params.data)
     inputs, labels = calibration_subset(splits.train_eval, params.calibrate.size, params.seed)
-    model = load_model(params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint")
+    model = load_model(
+        params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint"
+    )
     reference = predict_logits(model, inputs, params.calibrate.batch_size)
     dense_accuracy = accuracy(model, splits.test)
     io.write_calibration(paths.calibration, inputs, labels, reference)

@@ -18,13 +18,23 @@ from pipeline.stage import load_model, log, run_stage
 
 def run(params: Params, paths: io.Paths) -> None:
     inputs, _, reference = io.read_calibration(paths.calibration)
-    model = load_model(params, paths.baseline, inputs.shape[1], reference.shape[1], "baseline checkpoint")
+    model = load_model(
+        params, paths.baseline, inputs.shape[1], reference.shape[1], "baseline checkpoint"
+    )
     numel = prunable_numel(model)
     grid = sparsity_grid(params.profile.levels)
     start = time.perf_counter()
-    shared = {"model": model, "inputs": inputs, "reference": reference, "sparsities": grid,
-              "batch_size": params.profile.batch_size, "threads": params.profile.threads}
-    results = map_tasks(profile_layer, list(numel), shared=shared, params=params.ray, desc="profile layers")
+    shared = {
+        "model": model,
+        "inputs": inputs,
+        "reference": reference,
+        "sparsities": grid,
+        "batch_size": params.profile.batch_size,
+        "threads": params.profile.threads,
+    }
+    results = map_tasks(
+        profile_layer, list(numel), shared=shared, params=params.ray, desc="profile layers"
+    )
     seconds = time.perf_counter() - start
     curves = DistortionCurves(
         layers=list(numel),
@@ -35,8 +45,17 @@ def run(params: Params, paths: io.Paths) -> None:
     )
     curves.check()
     io.write_distortion(paths.distortion, curves, {"rdprune.arch": params.model.arch})
-    io.write_metrics(paths.metrics("profile"), {"layers": len(numel), "levels": len(grid), "seconds": round(seconds, 2)})
-    log.info("profile: %d layers x %d levels in %.1f s (%s backend)", len(numel), len(grid), seconds, params.ray.backend)
+    io.write_metrics(
+        paths.metrics("profile"),
+        {"layers": len(numel), "levels": len(grid), "seconds": round(seconds, 2)},
+    )
+    log.info(
+        "profile: %d layers x %d levels in %.1f s (%s backend)",
+        len(numel),
+        len(grid),
+        seconds,
+        params.ray.backend,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -18,20 +18,39 @@ def run(params: Params, paths: io.Paths) -> None:
     allocation = io.read_allocation(paths.allocation)
     inputs, _, reference = io.read_calibration(paths.calibration)
     splits = load_dataset(params.data)
-    model = load_model(params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint")
+    model = load_model(
+        params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint"
+    )
     allocation.check_matches(prunable_numel(model), str(paths.allocation))
-    apply_masks(model, magnitude_masks(model, dict(zip(allocation.layers, allocation.sparsity.tolist(), strict=True))))
-    measured, measured_max = output_distortion(predict_logits(model, inputs, params.calibrate.batch_size), reference)
+    apply_masks(
+        model,
+        magnitude_masks(
+            model, dict(zip(allocation.layers, allocation.sparsity.tolist(), strict=True))
+        ),
+    )
+    measured, measured_max = output_distortion(
+        predict_logits(model, inputs, params.calibrate.batch_size), reference
+    )
     zeros, total = zero_count(model)
     test_accuracy = accuracy(model, splits.test)
     io.write_state_dict(paths.pruned, model.state_dict())
     io.write_metrics(
         paths.metrics("prune"),
-        {"accuracy": test_accuracy, "sparsity": zeros / total, "measured_distortion": measured,
-         "measured_distortion_max": measured_max, "predicted_distortion": allocation.total_predicted},
+        {
+            "accuracy": test_accuracy,
+            "sparsity": zeros / total,
+            "measured_distortion": measured,
+            "measured_distortion_max": measured_max,
+            "predicted_distortion": allocation.total_predicted,
+        },
     )
-    log.info("prune: sparsity %.4f, test accuracy %.4f, distortion measured %.6g vs predicted %.6g",
-             zeros / total, test_accuracy, measured, allocation.total_predicted)
+    log.info(
+        "prune: sparsity %.4f, test accuracy %.4f, distortion measured %.6g vs predicted %.6g",
+        zeros / total,
+        test_accuracy,
+        measured,
+        allocation.total_predicted,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

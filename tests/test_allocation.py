@@ -21,7 +21,9 @@ def random_instance(rng: np.random.Generator, layers: int, levels: int):
     numel = rng.integers(5, 200, size=layers)
     frac = np.sort(rng.random((layers, levels)), axis=1)[:, ::-1]  # kept falls with the level
     cost = np.round(frac * numel[:, None]).astype(np.int64)
-    value = np.cumsum(rng.random((layers, levels)) * rng.choice([0.1, 1, 10], size=(layers, 1)), axis=1)
+    value = np.cumsum(
+        rng.random((layers, levels)) * rng.choice([0.1, 1, 10], size=(layers, 1)), axis=1
+    )
     if rng.random() < 0.5:  # unsorted, non-monotone values must work too
         value = rng.random((layers, levels)) * 5
     return cost, value
@@ -35,7 +37,9 @@ def test_dp_equals_brute_force(seed):
     choice = solve_mckp(cost, value, budget)
     rows = np.arange(4)
     assert cost[rows, choice].sum() <= budget
-    assert value[rows, choice].sum() == pytest.approx(brute_force(cost, value, budget), rel=1e-12, abs=1e-12)
+    assert value[rows, choice].sum() == pytest.approx(
+        brute_force(cost, value, budget), rel=1e-12, abs=1e-12
+    )
 
 
 def test_infeasible_budget_raises():
@@ -53,7 +57,9 @@ def test_kept_budget_uses_decimal_ratio():
 def curves(numel, levels, mean) -> DistortionCurves:
     grid = sparsity_grid(levels)
     mean = np.asarray(mean, dtype=np.float64)
-    return DistortionCurves([f"l{i}" for i in range(len(numel))], np.array(numel), grid, mean, mean * 2)
+    return DistortionCurves(
+        [f"l{i}" for i in range(len(numel))], np.array(numel), grid, mean, mean * 2
+    )
 
 
 @pytest.mark.parametrize("ratio", [0.0, 0.1, 0.33, 0.5, 0.8, 0.95, 0.999])

@@ -22,8 +22,15 @@ def test_profile_matches_hand_computation():
     model = tiny_linear()
     inputs = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, -2.0]])
     reference = predict_logits(model, inputs, 8)
-    mean, worst = profile_layer("0", model=model, inputs=inputs, reference=reference,
-                                sparsities=sparsity_grid(3), batch_size=1, threads=1)
+    mean, worst = profile_layer(
+        "0",
+        model=model,
+        inputs=inputs,
+        reference=reference,
+        sparsities=sparsity_grid(3),
+        batch_size=1,
+        threads=1,
+    )
     # s = 0.5 zeroes |w| = 0.1, 0.5 and the first tied 1.0 (index 0): the logit error is
     # [[1, 0, .5], [0, .1, 0]] @ x -> sample 1: (1.5, 0.1) -> 1.13; sample 2: (1, 0) -> 0.5.
     # s = 1 zeroes everything, the error is W @ x: (-0.5, 2.1) -> 2.33; (1, 8) -> 32.5.
@@ -33,13 +40,22 @@ def test_profile_matches_hand_computation():
 
 def test_zero_at_sparsity_zero_and_weights_restored():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(64, 5)
+    ).eval()
     inputs = torch.randn(10, 1, 4, 4)
     reference = predict_logits(model, inputs, 4)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     for layer in ("0", "3"):
-        mean, worst = profile_layer(layer, model=model, inputs=inputs, reference=reference,
-                                    sparsities=sparsity_grid(6), batch_size=4, threads=1)
+        mean, worst = profile_layer(
+            layer,
+            model=model,
+            inputs=inputs,
+            reference=reference,
+            sparsities=sparsity_grid(6),
+            batch_size=4,
+            threads=1,
+        )
         assert mean[0] == 0.0 and worst[0] == 0.0
         assert (mean[1:] > 0).all() and (worst >= mean).all()
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

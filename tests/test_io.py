@@ -14,7 +14,9 @@ from pipeline.models import build_model, load_weights, normalize_state_dict
 def make_curves() -> DistortionCurves:
     rng = np.random.default_rng(0)
     mean = np.cumsum(rng.random((3, 5)), axis=1)
-    return DistortionCurves(["a.conv", "b", "head"], np.array([9, 100, 7]), sparsity_grid(5), mean, 2 * mean)
+    return DistortionCurves(
+        ["a.conv", "b", "head"], np.array([9, 100, 7]), sparsity_grid(5), mean, 2 * mean
+    )
 
 
 def test_distortion_roundtrip_schema_and_bytes(tmp_path):
@@ -30,7 +32,9 @@ def test_distortion_roundtrip_schema_and_bytes(tmp_path):
     back = io.read_distortion(tmp_path / "d.parquet")
     assert back.layers == curves.layers
     assert np.array_equal(back.mean, curves.mean) and np.array_equal(back.max, curves.max)
-    assert np.array_equal(back.sparsity, curves.sparsity) and np.array_equal(back.numel, curves.numel)
+    assert np.array_equal(back.sparsity, curves.sparsity) and np.array_equal(
+        back.numel, curves.numel
+    )
 
 
 def test_allocation_roundtrip(tmp_path):
@@ -87,7 +91,9 @@ def test_checkpoint_roundtrip_is_plain_and_deterministic(tmp_path):
 def test_mismatched_and_corrupt_checkpoints(tmp_path):
     model = build_model("digits_cnn", 1, 10)
     other = build_model("digits_cnn", 1, 7)
-    with pytest.raises(PipelineError, match=r"does not match model.arch = 'digits_cnn' \(shape: fc.bias"):
+    with pytest.raises(
+        PipelineError, match=r"does not match model.arch = 'digits_cnn' \(shape: fc.bias"
+    ):
         load_weights(model, other.state_dict(), "x.pt", "digits_cnn")
     wrapped = {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}
     load_weights(other.__class__(1, 10), normalize_state_dict(wrapped), "x.pt", "digits_cnn")

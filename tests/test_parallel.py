@@ -25,16 +25,30 @@ def profile_all(backend: str) -> DistortionCurves:
     reference = predict_logits(model, inputs, 16)
     numel = prunable_numel(model)
     grid = sparsity_grid(9)
-    shared = {"model": model, "inputs": inputs, "reference": reference, "sparsities": grid,
-              "batch_size": 16, "threads": 1}
-    results = map_tasks(profile_layer, list(numel), shared=shared,
-                        params=RayParams(backend=backend, num_cpus=2))
-    return DistortionCurves(list(numel), np.array(list(numel.values())), grid,
-                            np.stack([r[0] for r in results]), np.stack([r[1] for r in results]))
+    shared = {
+        "model": model,
+        "inputs": inputs,
+        "reference": reference,
+        "sparsities": grid,
+        "batch_size": 16,
+        "threads": 1,
+    }
+    results = map_tasks(
+        profile_layer, list(numel), shared=shared, params=RayParams(backend=backend, num_cpus=2)
+    )
+    return DistortionCurves(
+        list(numel),
+        np.array(list(numel.values())),
+        grid,
+        np.stack([r[0] for r in results]),
+        np.stack([r[1] for r in results]),
+    )
 
 
 def test_serial_map_keeps_order():
-    assert map_tasks(_square, [3, 1, 2], shared={"offset": 1}, params=RayParams(backend="serial")) == [10, 2, 5]
+    assert map_tasks(
+        _square, [3, 1, 2], shared={"offset": 1}, params=RayParams(backend="serial")
+    ) == [10, 2, 5]
 
 
 def test_ray_and_serial_give_identical_tables(tmp_path):

@@ -46,14 +46,20 @@ def test_outputs_and_metrics(project):
     paths = io.Paths(project)
     table = pq.read_table(paths.distortion)
     assert table.num_rows == 5 * 6
-    assert {"layer", "numel", "level", "sparsity", "distortion", "distortion_max"} <= set(table.column_names)
+    assert {"layer", "numel", "level", "sparsity", "distortion", "distortion_max"} <= set(
+        table.column_names
+    )
     allocation = io.read_allocation(paths.allocation)
     assert allocation.layers == ["conv1", "conv2", "conv3", "conv4", "fc"]
     prune_metrics = io.read_metrics(paths.metrics("prune"))
     assert prune_metrics["sparsity"] >= 0.6
     assert 0 <= prune_metrics["accuracy"] <= 1
-    assert prune_metrics["predicted_distortion"] == pytest.approx(allocation.predicted_distortion.sum())
-    assert io.read_metrics(paths.metrics("allocate"))["sparsity"] == pytest.approx(prune_metrics["sparsity"])
+    assert prune_metrics["predicted_distortion"] == pytest.approx(
+        allocation.predicted_distortion.sum()
+    )
+    assert io.read_metrics(paths.metrics("allocate"))["sparsity"] == pytest.approx(
+        prune_metrics["sparsity"]
+    )
     assert 0 <= io.read_metrics(paths.metrics("calibrate"))["dense_accuracy"] <= 1
     # pruned and fine-tuned checkpoints load plainly and keep exactly the allocated zeros
     for ckpt in (paths.pruned, paths.finetuned):
@@ -67,8 +73,10 @@ def test_profile_is_byte_deterministic(project, tmp_path):
     shutil.copytree(project, tmp_path / "again")
     (tmp_path / "again" / "artifacts" / "distortion.parquet").unlink()
     assert profile.main(["--root", str(tmp_path / "again")]) == 0
-    assert (io.Paths(project).distortion.read_bytes()
-            == io.Paths(tmp_path / "again").distortion.read_bytes())
+    assert (
+        io.Paths(project).distortion.read_bytes()
+        == io.Paths(tmp_path / "again").distortion.read_bytes()
+    )
 
 
 def test_mlflow_run_holds_the_result(project):
@@ -77,8 +85,14 @@ def test_mlflow_run_holds_the_result(project):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])
     assert run.data.params["prune.ratio"] == "0.6" and run.data.params["allocate.method"] == "rd"
-    for key in ("dense_accuracy", "prune_accuracy", "finetune_accuracy", "sparsity",
-                "predicted_distortion", "measured_distortion"):
+    for key in (
+        "dense_accuracy",
+        "prune_accuracy",
+        "finetune_accuracy",
+        "sparsity",
+        "predicted_distortion",
+        "measured_distortion",
+    ):
         assert key in run.data.metrics
     history = client.get_metric_history(run.info.run_id, "finetune_epoch_loss")
     assert [m.step for m in history] == [1, 2]
@@ -104,8 +118,14 @@ def test_mismatched_allocation_and_corrupt_calibration(project, tmp_path, capsys
     shutil.copytree(project, root)
     paths = io.Paths(root)
     allocation = io.read_allocation(paths.allocation)
-    renamed = allocation.__class__(["x", *allocation.layers[1:]], allocation.numel, allocation.level,
-                                   allocation.sparsity, allocation.kept, allocation.predicted_distortion)
+    renamed = allocation.__class__(
+        ["x", *allocation.layers[1:]],
+        allocation.numel,
+        allocation.level,
+        allocation.sparsity,
+        allocation.kept,
+        allocation.predicted_distortion,
+    )
     io.write_allocation(paths.allocation, renamed, {})
     pruned_before = paths.pruned.read_bytes()
     assert prune.main(["--root", str(root)]) == 2

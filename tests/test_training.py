@@ -10,13 +10,20 @@ from pipeline.training import train
 def test_masked_training_keeps_pruned_weights_exactly_zero():
     torch.manual_seed(0)
     model = build_model("digits_cnn", 1, 10)
-    masks = magnitude_masks(model, {"conv1": 0.5, "conv2": 0.9, "conv3": 0.3, "conv4": 0.7, "fc": 0.6})
+    masks = magnitude_masks(
+        model, {"conv1": 0.5, "conv2": 0.9, "conv3": 0.3, "conv4": 0.7, "fc": 0.6}
+    )
     apply_masks(model, masks)
     data = TensorDataset(torch.randn(96, 1, 8, 8), torch.randint(0, 10, (96,)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
     # momentum and weight decay both on: neither may move a pruned weight
-    history = train(model, data, TrainParams(epochs=2, batch_size=16, lr=0.1, momentum=0.9,
-                                             weight_decay=0.01), seed=0, masks=masks)
+    history = train(
+        model,
+        data,
+        TrainParams(epochs=2, batch_size=16, lr=0.1, momentum=0.9, weight_decay=0.01),
+        seed=0,
+        masks=masks,
+    )
     assert len(history) == 2 and all(h.accuracy is None for h in history)
     after = masks_from_zeros(model)
     for name, mask in masks.items():
