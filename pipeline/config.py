@@ -67,6 +67,10 @@ class DataParams:
         _check_range("data.test_fraction", self.test_fraction, 0.05, 0.5)
         if (self.mean is None) != (self.std is None):
             raise _fail("data.mean/data.std", (self.mean, self.std), "both null or both lists")
+        if self.mean is not None and (not self.mean or len(self.mean) != len(self.std or [])):
+            raise _fail(
+                "data.mean/data.std", (self.mean, self.std), "lists of one value per channel"
+            )
         if self.std is not None and any(s <= 0 for s in self.std):
             raise _fail("data.std", self.std, "positive numbers")
 
@@ -113,16 +117,42 @@ class ProfileParams:
         _check_positive("profile.threads", self.threads)
 
 
+BUDGETS = ("params", "flops", "both")
+PARETO_RATIOS = [round(0.05 * i, 2) for i in range(1, 20)] + [0.97, 0.99]
+
+
 @dataclass(frozen=True)
 class AllocateParams:
     method: str = "rd"
     distortion: str = "mean"  # which profiled curve the solver minimises
+    budget: str = "params"  # what prune.ratio removes: weights, MACs, or both (see flops_ratio)
+    flops_ratio: float | None = None  # budget `both`: the fraction of MACs removed
+    limits: dict[str, list[float]] = field(default_factory=dict)  # glob -> [min, max] sparsity
+    exclude: list[str] = field(default_factory=list)  # globs of layers kept dense
+    pareto_ratios: list[float] = field(default_factory=lambda: list(PARETO_RATIOS))
 
     def validate(self) -> None:
         from pipeline.allocation import ALLOCATORS
 
         _check_choice("allocate.method", self.method, ALLOCATORS)
         _check_choice("allocate.distortion", self.distortion, DISTORTION_KINDS)
+        _check_choice("allocate.budget", self.budget, BUDGETS)
+        if (self.budget == "both") != (self.flops_ratio is not None):
+            raise _fail(
+                "allocate.flops_ratio", self.flops_ratio, "a ratio with budget 'both', else null"
+            )
+        if self.flops_ratio is not None:
+            _check_range("allocate.flops_ratio", self.flops_ratio, 0.0, 1.0, hi_open=True)
+        if not self.pareto_ratios:
+            raise _fail("allocate.pareto_ratios", self.pareto_ratios, "a non-empty list of ratios")
+        for i, r in enumerate(self.pareto_ratios):
+            _check_range(f"allocate.pareto_ratios[{i}]", r, 0.0, 1.0, hi_open=True)
+
+    def targets(self, ratio: float) -> dict[str, float]:
+        """measure -> ratio removed, the first being the one prune.ratio sets."""
+        if self.budget == "both":
+            return {"params": ratio, "flops": float(self.flops_ratio)}
+        return {self.budget: ratio}
 
 
 @dataclass(frozen=True)
@@ -191,9 +221,14 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         return _coerce(key, value, inner)
     if origin is list:
         (item,) = typing.get_args(hint)
-        if not isinstance(value, list) or not value:
-            raise _fail(key, value, f"a non-empty list of {item.__name__}")
+        if not isinstance(value, list):
+            raise _fail(key, value, f"a list of {getattr(item, '__name__', item)}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
+    if origin is dict:
+        _, item = typing.get_args(hint)
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise _fail(key, value, "a mapping from names to values")
+        return {k: _coerce(f"{key}[{k!r}]", v, item) for k, v in value.items()}
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if not isinstance(value, hint) or (hint is int and isinstance(value, bool)):

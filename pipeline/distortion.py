@@ -29,7 +29,8 @@ class DistortionCurves:
     """Profiled curves of L layers on a grid of K sparsities.
 
     layers: L names in ``named_modules()`` order; numel: (L,) int64 weights per layer;
-    sparsity: (K,) float64 grid; mean, max: (L, K) float64 distortion (squared logit units).
+    sparsity: (K,) float64 grid; mean, max: (L, K) float64 distortion (squared logit units);
+    macs_per_weight: (L,) int64 multiply-accumulates each kept weight costs per sample.
     """
 
     layers: list[str]
@@ -37,6 +38,7 @@ class DistortionCurves:
     sparsity: np.ndarray
     mean: np.ndarray
     max: np.ndarray
+    macs_per_weight: np.ndarray
 
     def kept(self) -> np.ndarray:
         """(L, K) int64 weights kept at each grid level."""
@@ -52,7 +54,12 @@ class DistortionCurves:
     def check(self) -> None:
         """Raise if any value is NaN/inf or shapes disagree."""
         shape = (len(self.layers), len(self.sparsity))
-        if self.mean.shape != shape or self.max.shape != shape or self.numel.shape != shape[:1]:
+        if (
+            self.mean.shape != shape
+            or self.max.shape != shape
+            or self.numel.shape != shape[:1]
+            or self.macs_per_weight.shape != shape[:1]
+        ):
             raise PipelineError(f"distortion table is not a full layer x level grid {shape}")
         for name, values in (("distortion", self.mean), ("distortion_max", self.max)):
             if not np.isfinite(values).all():

@@ -28,7 +28,7 @@ from pipeline.config import Params, load_params
 from pipeline.distortion import DistortionCurves
 from pipeline.errors import PipelineError
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "2"
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,10 @@ class Paths:
     @property
     def allocation(self) -> Path:
         return self.root / "artifacts" / "allocation.parquet"
+
+    @property
+    def pareto(self) -> Path:
+        return self.root / "artifacts" / "pareto.parquet"
 
     @property
     def pruned(self) -> Path:
@@ -192,21 +196,27 @@ DISTORTION_SCHEMA = _schema(
         pa.field("level", pa.int32(), nullable=False),  # index into the sparsity grid
         pa.field("sparsity", pa.float64(), nullable=False),  # fraction of the layer zeroed
         pa.field("kept", pa.int64(), nullable=False),  # weights kept at this level
+        pa.field("macs_per_weight", pa.int64(), nullable=False),  # MACs per kept weight and sample
+        pa.field("flops", pa.int64(), nullable=False),  # MACs kept at this level, per sample
         pa.field("distortion", pa.float64(), nullable=False),  # mean per-sample logit MSE
         pa.field("distortion_max", pa.float64(), nullable=False),  # max per-sample logit MSE
     ],
 )
 
-ALLOCATION_SCHEMA = _schema(
-    "allocation",
-    [
-        pa.field("layer", pa.string(), nullable=False),
-        pa.field("numel", pa.int64(), nullable=False),
-        pa.field("level", pa.int32(), nullable=False),
-        pa.field("sparsity", pa.float64(), nullable=False),
-        pa.field("kept", pa.int64(), nullable=False),
-        pa.field("predicted_distortion", pa.float64(), nullable=False),
-    ],
+_ALLOCATION_FIELDS = [
+    pa.field("layer", pa.string(), nullable=False),
+    pa.field("numel", pa.int64(), nullable=False),
+    pa.field("level", pa.int32(), nullable=False),  # nearest grid level
+    pa.field("sparsity", pa.float64(), nullable=False),  # 1 - kept / numel
+    pa.field("kept", pa.int64(), nullable=False),
+    pa.field("macs_per_weight", pa.int64(), nullable=False),
+    pa.field("flops", pa.int64(), nullable=False),  # kept MACs per sample
+    pa.field("predicted_distortion", pa.float64(), nullable=False),
+]
+ALLOCATION_SCHEMA = _schema("allocation", _ALLOCATION_FIELDS)
+# The Pareto front: one allocation per swept ratio, long format (ratio x layer).
+PARETO_SCHEMA = _schema(
+    "pareto", [pa.field("ratio", pa.float64(), nullable=False), *_ALLOCATION_FIELDS]
 )
 
 
@@ -258,6 +268,8 @@ def write_distortion(path: Path, curves: DistortionCurves, extra: Mapping[str, s
         "level": np.tile(np.arange(n_levels, dtype=np.int32), n_layers),
         "sparsity": np.tile(curves.sparsity, n_layers),
         "kept": curves.kept().ravel(),
+        "macs_per_weight": np.repeat(curves.macs_per_weight.astype(np.int64), n_levels),
+        "flops": (curves.kept() * curves.macs_per_weight[:, None]).ravel(),
         "distortion": curves.mean.ravel(),
         "distortion_max": curves.max.ravel(),
     }
@@ -293,29 +305,65 @@ def read_distortion(path: Path) -> DistortionCurves:
         sparsity=grid("sparsity")[0].astype(np.float64),
         mean=grid("distortion").astype(np.float64),
         max=grid("distortion_max").astype(np.float64),
+        macs_per_weight=grid("macs_per_weight")[:, 0].astype(np.int64),
     )
 
 
-def write_allocation(path: Path, allocation: Allocation, extra: Mapping[str, str]) -> None:
-    columns = {
+def read_table_metadata(path: Path) -> dict[str, str]:
+    """The key/value metadata of a Parquet file's schema."""
+    try:
+        meta = pq.read_schema(path).metadata or {}
+    except (pa.ArrowException, OSError) as exc:
+        raise PipelineError(
+            f"{path} is corrupt or not Parquet ({str(exc).splitlines()[0]})"
+        ) from None
+    return {k.decode(): v.decode() for k, v in meta.items()}
+
+
+def _allocation_columns(allocation: Allocation) -> dict[str, Any]:
+    return {
         "layer": allocation.layers,
         "numel": allocation.numel,
         "level": allocation.level.astype(np.int32),
         "sparsity": allocation.sparsity,
         "kept": allocation.kept,
+        "macs_per_weight": allocation.macs_per_weight,
+        "flops": allocation.flops,
         "predicted_distortion": allocation.predicted_distortion,
     }
-    _write_table(path, columns, ALLOCATION_SCHEMA, extra)
+
+
+def write_allocation(path: Path, allocation: Allocation, extra: Mapping[str, str]) -> None:
+    meta = {**extra, "rdprune.lower_bound": repr(allocation.lower_bound)}
+    _write_table(path, _allocation_columns(allocation), ALLOCATION_SCHEMA, meta)
 
 
 def read_allocation(path: Path) -> Allocation:
     table = _read_table(path, ALLOCATION_SCHEMA, "allocate")
     col = lambda name: table.column(name).to_numpy()  # noqa: E731
+    meta = {k.decode(): v.decode() for k, v in (table.schema.metadata or {}).items()}
     return Allocation(
         layers=[str(x) for x in table.column("layer").to_pylist()],
         numel=col("numel").astype(np.int64),
         level=col("level").astype(np.int64),
         sparsity=col("sparsity").astype(np.float64),
         kept=col("kept").astype(np.int64),
+        macs_per_weight=col("macs_per_weight").astype(np.int64),
         predicted_distortion=col("predicted_distortion").astype(np.float64),
+        lower_bound=float(meta.get("rdprune.lower_bound", "nan")),
     )
+
+
+def write_pareto(
+    path: Path, front: Sequence[tuple[float, Allocation]], extra: Mapping[str, str]
+) -> None:
+    """One row per (ratio, layer)."""
+    parts = [_allocation_columns(a) for _, a in front]
+    columns: dict[str, Any] = {
+        "ratio": np.concatenate([np.full(len(a.layers), r) for r, a in front])
+    }
+    for name in parts[0] if parts else []:
+        columns[name] = np.concatenate(
+            [np.asarray(p[name], dtype=object if name == "layer" else None) for p in parts]
+        )
+    _write_table(path, columns, PARETO_SCHEMA, extra)

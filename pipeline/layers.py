@@ -1,7 +1,10 @@
-"""Which modules are prunable, named by their ``named_modules()`` path."""
+"""Which modules are prunable, named by their ``named_modules()`` path, and what they cost."""
 
 from __future__ import annotations
 
+import math
+
+import torch
 from torch import nn
 
 # Every Conv1d/2d/3d and Linear weight is prunable, first and last layer included.
@@ -16,3 +19,31 @@ def prunable_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
 def prunable_numel(model: nn.Module) -> dict[str, int]:
     """``{layer name: number of weights}`` in ``named_modules()`` order."""
     return {name: m.weight.numel() for name, m in prunable_layers(model)}
+
+
+@torch.no_grad()
+def macs_per_weight(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
+    """Multiply-accumulates per kept weight and input sample, measured by forward hooks.
+
+    sample: one input batch (N, ...) of the real shape. A conv weight is used once per output
+    position (the product of the output's spatial dims); a linear weight once per output
+    row (1 for (N, features) inputs, the sequence length for (N, T, features)).
+    """
+    found: dict[str, int] = {}
+
+    def hook(name: str):
+        def record(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+            found[name] = math.prod(
+                output.shape[2:] if not isinstance(module, nn.Linear) else output.shape[1:-1]
+            )
+
+        return record
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in prunable_layers(model)]
+    try:
+        model.eval()
+        model(sample[:1])
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: found.get(name, 0) for name, _ in prunable_layers(model)}

@@ -17,12 +17,16 @@ def pruned_count(numel: int, sparsity: float) -> int:
 
 
 def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    """Keep all but the ``pruned_count`` smallest-magnitude weights.
+    """Keep all but the ``pruned_count(numel, sparsity)`` smallest-magnitude weights."""
+    return mask_pruning(weight, pruned_count(weight.numel(), sparsity))
 
-    Ties are broken by flat index (a stable sort), so the zero count is always exact and the
-    same weight tensor always gives the same mask.
+
+def mask_pruning(weight: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask dropping the ``k`` smallest-magnitude weights.
+
+    Ties are broken by flat index (a stable sort), so the zero count is always exact, the same
+    weight tensor always gives the same mask, and a larger k drops a superset (masks only grow).
     """
-    k = pruned_count(weight.numel(), sparsity)
     mask = torch.ones(weight.numel(), dtype=torch.bool, device=weight.device)
     if k:
         order = torch.argsort(weight.detach().abs().flatten(), stable=True)
@@ -30,10 +34,13 @@ def magnitude_mask(weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     return mask.view_as(weight)
 
 
-def magnitude_masks(model: nn.Module, sparsities: Mapping[str, float]) -> dict[str, torch.Tensor]:
-    """``{layer: magnitude_mask(weight, sparsity)}`` for the named layers."""
+def magnitude_masks(model: nn.Module, kept: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """``{layer: mask keeping its kept[layer] largest-magnitude weights}``."""
     modules = dict(model.named_modules())
-    return {name: magnitude_mask(modules[name].weight, s) for name, s in sparsities.items()}
+    return {
+        name: mask_pruning(modules[name].weight, modules[name].weight.numel() - int(k))
+        for name, k in kept.items()
+    }
 
 
 @torch.no_grad()

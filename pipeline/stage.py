@@ -13,8 +13,11 @@ from pathlib import Path
 from torch import nn
 
 from pipeline import io
+from pipeline.allocation import Problem, layer_bounds
 from pipeline.config import Params, flatten
+from pipeline.distortion import DistortionCurves
 from pipeline.errors import PipelineError
+from pipeline.layers import prunable_layers
 from pipeline.models import build_model, load_weights, normalize_state_dict
 from pipeline.training import EpochStats
 
@@ -47,6 +50,21 @@ def load_model(
     state = normalize_state_dict(io.read_checkpoint(path, what))
     load_weights(model, state, str(path), params.model.arch)
     return model.eval()
+
+
+def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Module) -> Problem:
+    """The allocation problem the params pose on these curves and this dense model."""
+    weights = {name: m.weight.detach() for name, m in prunable_layers(model)}
+    lo, hi = layer_bounds(curves.layers, params.allocate.limits, params.allocate.exclude)
+    return Problem(
+        curves=curves,
+        kind=params.allocate.distortion,
+        targets=params.allocate.targets(params.prune.ratio),
+        lo=lo,
+        hi=hi,
+        magnitudes=[weights[n].abs().flatten().numpy() for n in curves.layers],
+        shapes=[tuple(weights[n].shape) for n in curves.layers],
+    )
 
 
 def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> str:
@@ -86,6 +104,7 @@ def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> st
             "prune_accuracy": prune["accuracy"],
             "finetune_accuracy": finetune["accuracy"],
             "sparsity": finetune["sparsity"],
+            "flops_reduction": prune["flops_reduction"],
             "predicted_distortion": allocate["predicted_distortion"],
             "measured_distortion": prune["measured_distortion"],
         },
@@ -95,6 +114,6 @@ def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> st
         },
         tables={"allocation.json": table},
         figures=figures,
-        artifacts=[paths.allocation],
+        artifacts=[paths.allocation, paths.pareto],
         tags={"dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""), "rdprune.stage": "finetune"},
     )

@@ -1,29 +1,43 @@
-"""allocate: per-layer sparsities that minimise summed distortion under `prune.ratio`."""
+"""allocate: per-layer sparsities that minimise summed distortion under the budget, and the
+Pareto front over a sweep of ratios."""
 
 from __future__ import annotations
 
 import sys
+import time
 from collections.abc import Sequence
 
 from pipeline import io
-from pipeline.allocation import ALLOCATORS
+from pipeline.allocation import allocate, pareto_front
 from pipeline.config import Params
-from pipeline.stage import log, run_stage
+from pipeline.layers import prunable_numel
+from pipeline.stage import allocation_problem, load_model, log, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
     curves = io.read_distortion(paths.distortion)
-    allocation = ALLOCATORS[params.allocate.method](
-        curves, params.prune.ratio, params.allocate.distortion
+    meta = io.read_table_metadata(paths.distortion)
+    model = load_model(
+        params,
+        paths.baseline,
+        int(meta["rdprune.in_channels"]),
+        int(meta["rdprune.num_classes"]),
+        "baseline checkpoint",
     )
-    total = int(allocation.numel.sum())
-    sparsity = 1 - int(allocation.kept.sum()) / total
+    problem = allocation_problem(params, curves, model)
+    start = time.perf_counter()
+    allocation = allocate(params.allocate.method, problem)
+    seconds = time.perf_counter() - start
+    allocation.check_matches(prunable_numel(model), str(paths.distortion))
+    front = pareto_front(params.allocate.method, problem, params.allocate.pareto_ratios)
     extra = {
         "rdprune.method": params.allocate.method,
         "rdprune.ratio": repr(params.prune.ratio),
+        "rdprune.budget": params.allocate.budget,
         "rdprune.distortion": params.allocate.distortion,
     }
     io.write_allocation(paths.allocation, allocation, extra)
+    io.write_pareto(paths.pareto, front, extra)
     io.write_csv(
         paths.plot("allocation"),
         ["layer", "sparsity", "kept", "numel", "predicted_distortion"],
@@ -38,20 +52,27 @@ def run(params: Params, paths: io.Paths) -> None:
             )
         ),
     )
-    io.write_metrics(
-        paths.metrics("allocate"),
-        {
-            "predicted_distortion": allocation.total_predicted,
-            "sparsity": sparsity,
-            "kept": int(allocation.kept.sum()),
-            "ratio": params.prune.ratio,
-        },
+    columns = ["sparsity", "flops_reduction", "predicted_distortion"]
+    io.write_csv(
+        paths.plot("pareto"),
+        ["ratio", *columns],
+        [(r, *(a.summary()[c] for c in columns)) for r, a in front],
     )
+    metrics = {
+        **allocation.summary(),
+        "ratio": params.prune.ratio,
+        "solve_seconds": round(seconds, 3),
+    }
+    io.write_metrics(paths.metrics("allocate"), metrics)
     log.info(
-        "allocate (%s): sparsity %.4f, predicted distortion %.6g",
+        "allocate (%s, %s budget): sparsity %.4f, MACs removed %.4f, predicted distortion %.6g "
+        "in %.3f s",
         params.allocate.method,
-        sparsity,
-        allocation.total_predicted,
+        params.allocate.budget,
+        metrics["sparsity"],
+        metrics["flops_reduction"],
+        metrics["predicted_distortion"],
+        seconds,
     )
 
 

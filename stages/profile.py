@@ -11,7 +11,7 @@ import numpy as np
 from pipeline import io
 from pipeline.config import Params
 from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
-from pipeline.layers import prunable_numel
+from pipeline.layers import macs_per_weight, prunable_numel
 from pipeline.parallel import map_tasks
 from pipeline.stage import load_model, log, run_stage
 
@@ -42,9 +42,15 @@ def run(params: Params, paths: io.Paths) -> None:
         sparsity=grid,
         mean=np.stack([mean for mean, _ in results]),
         max=np.stack([worst for _, worst in results]),
+        macs_per_weight=np.array(list(macs_per_weight(model, inputs[:1]).values()), dtype=np.int64),
     )
     curves.check()
-    io.write_distortion(paths.distortion, curves, {"rdprune.arch": params.model.arch})
+    meta = {
+        "rdprune.arch": params.model.arch,
+        "rdprune.in_channels": str(inputs.shape[1]),
+        "rdprune.num_classes": str(reference.shape[1]),
+    }
+    io.write_distortion(paths.distortion, curves, meta)
     io.write_metrics(
         paths.metrics("profile"),
         {"layers": len(numel), "levels": len(grid), "seconds": round(seconds, 2)},

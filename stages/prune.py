@@ -22,28 +22,22 @@ def run(params: Params, paths: io.Paths) -> None:
         params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint"
     )
     allocation.check_matches(prunable_numel(model), str(paths.allocation))
-    apply_masks(
-        model,
-        magnitude_masks(
-            model, dict(zip(allocation.layers, allocation.sparsity.tolist(), strict=True))
-        ),
-    )
-    measured, measured_max = output_distortion(
-        predict_logits(model, inputs, params.calibrate.batch_size), reference
-    )
+    kept = dict(zip(allocation.layers, allocation.kept.tolist(), strict=True))
+    apply_masks(model, magnitude_masks(model, kept))
+    logits = predict_logits(model, inputs, params.calibrate.batch_size)
+    measured, measured_max = output_distortion(logits, reference)
     zeros, total = zero_count(model)
     test_accuracy = accuracy(model, splits.test)
     io.write_state_dict(paths.pruned, model.state_dict())
-    io.write_metrics(
-        paths.metrics("prune"),
-        {
-            "accuracy": test_accuracy,
-            "sparsity": zeros / total,
-            "measured_distortion": measured,
-            "measured_distortion_max": measured_max,
-            "predicted_distortion": allocation.total_predicted,
-        },
-    )
+    metrics = {
+        "accuracy": test_accuracy,
+        "sparsity": zeros / total,
+        "flops_reduction": allocation.summary()["flops_reduction"],
+        "measured_distortion": measured,
+        "measured_distortion_max": measured_max,
+        "predicted_distortion": allocation.total_predicted,
+    }
+    io.write_metrics(paths.metrics("prune"), metrics)
     log.info(
         "prune: sparsity %.4f, test accuracy %.4f, distortion measured %.6g vs predicted %.6g",
         zeros / total,

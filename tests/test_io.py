@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline import io
-from pipeline.allocation import allocate_rd
+from pipeline.allocation import Problem, allocate
 from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.errors import PipelineError
 from pipeline.models import build_model, load_weights, normalize_state_dict
@@ -15,7 +15,12 @@ def make_curves() -> DistortionCurves:
     rng = np.random.default_rng(0)
     mean = np.cumsum(rng.random((3, 5)), axis=1)
     return DistortionCurves(
-        ["a.conv", "b", "head"], np.array([9, 100, 7]), sparsity_grid(5), mean, 2 * mean
+        ["a.conv", "b", "head"],
+        np.array([9, 100, 7]),
+        sparsity_grid(5),
+        mean,
+        2 * mean,
+        np.array([16, 4, 1]),
     )
 
 
@@ -28,7 +33,8 @@ def test_distortion_roundtrip_schema_and_bytes(tmp_path):
     assert table.num_rows == 15
     assert table.schema.field("layer").type == pa.string()
     assert table.schema.field("numel").type == pa.int64()
-    assert table.schema.metadata[b"rdprune.schema_version"] == b"1"
+    assert table.schema.metadata[b"rdprune.schema_version"] == io.SCHEMA_VERSION.encode()
+    assert table.column("flops").to_pylist()[:5] == [144, 112, 64, 32, 0]  # kept x MACs per weight
     back = io.read_distortion(tmp_path / "d.parquet")
     assert back.layers == curves.layers
     assert np.array_equal(back.mean, curves.mean) and np.array_equal(back.max, curves.max)
@@ -38,11 +44,19 @@ def test_distortion_roundtrip_schema_and_bytes(tmp_path):
 
 
 def test_allocation_roundtrip(tmp_path):
-    allocation = allocate_rd(make_curves(), 0.5, "mean")
+    allocation = allocate(
+        "rd", Problem(make_curves(), "mean", {"params": 0.5}, np.zeros(3), np.ones(3))
+    )
     io.write_allocation(tmp_path / "a.parquet", allocation, {})
     back = io.read_allocation(tmp_path / "a.parquet")
     assert back.layers == allocation.layers and np.array_equal(back.kept, allocation.kept)
     assert np.array_equal(back.sparsity, allocation.sparsity)
+    assert (
+        np.array_equal(back.flops, allocation.flops) and back.lower_bound == allocation.lower_bound
+    )
+    io.write_pareto(tmp_path / "p.parquet", [(0.5, allocation), (0.7, allocation)], {})
+    table = pq.read_table(tmp_path / "p.parquet")
+    assert table.num_rows == 6 and table.column("ratio").to_pylist() == [0.5] * 3 + [0.7] * 3
 
 
 def test_missing_level_and_corrupt_tables_are_rejected(tmp_path):

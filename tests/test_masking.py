@@ -7,6 +7,7 @@ from pipeline.masking import (
     apply_masks,
     magnitude_mask,
     magnitude_masks,
+    mask_pruning,
     masks_from_zeros,
     pruned_count,
     zero_count,
@@ -35,6 +36,12 @@ def test_ties_are_broken_by_index_and_count_stays_exact():
     assert torch.equal(mask, magnitude_mask(weight.clone(), 0.5))
 
 
+def test_larger_counts_drop_supersets():
+    weight = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    masks = [mask_pruning(weight, k) for k in range(51)]
+    assert all((a >= b).all() for a, b in zip(masks, masks[1:], strict=False))
+
+
 def test_sparsity_zero_and_one():
     weight = torch.randn(4, 3, 3, 3)
     assert magnitude_mask(weight, 0.0).all()
@@ -53,7 +60,7 @@ def test_apply_masks_and_recover_them_from_zeros():
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4, 3))
     names = [name for name, _ in prunable_layers(model)]
     assert names == ["0", "3"]
-    masks = magnitude_masks(model, {"0": 0.5, "3": 0.25})
+    masks = magnitude_masks(model, {"0": 36, "3": 9})  # kept weights
     apply_masks(model, masks)
     recovered = masks_from_zeros(model)
     assert all(torch.equal(recovered[n], masks[n]) for n in names)

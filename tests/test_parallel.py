@@ -42,6 +42,7 @@ def profile_all(backend: str) -> DistortionCurves:
         grid,
         np.stack([r[0] for r in results]),
         np.stack([r[1] for r in results]),
+        np.ones(len(numel), dtype=np.int64),
     )
 
 

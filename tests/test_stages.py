@@ -1,5 +1,6 @@
 """Every stage run in process on a tiny configuration (serial backend), then bad input."""
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -118,14 +119,7 @@ def test_mismatched_allocation_and_corrupt_calibration(project, tmp_path, capsys
     shutil.copytree(project, root)
     paths = io.Paths(root)
     allocation = io.read_allocation(paths.allocation)
-    renamed = allocation.__class__(
-        ["x", *allocation.layers[1:]],
-        allocation.numel,
-        allocation.level,
-        allocation.sparsity,
-        allocation.kept,
-        allocation.predicted_distortion,
-    )
+    renamed = dataclasses.replace(allocation, layers=["x", *allocation.layers[1:]])
     io.write_allocation(paths.allocation, renamed, {})
     pruned_before = paths.pruned.read_bytes()
     assert prune.main(["--root", str(root)]) == 2
@@ -151,3 +145,40 @@ def test_given_checkpoint_is_adopted(project, tmp_path):
     assert baseline.main(["--root", str(tmp_path)]) == 0
     adopted = torch.load(io.Paths(tmp_path).baseline)
     assert all(np.array_equal(adopted[k], v) for k, v in src.state_dict().items())
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [{"method": m} for m in ("rd", "uniform", "global", "lamp", "erk", "uniform_plus")]
+    + [
+        {"budget": "flops"},
+        {"budget": "both", "flops_ratio": 0.5},
+        {"method": "lamp", "budget": "both", "flops_ratio": 0.5},
+        {"limits": {"conv1": [0, 0], "conv*": [0, 0.9]}, "exclude": ["fc"]},
+    ],
+)
+def test_allocate_and_prune_with_every_method_and_budget(project, tmp_path, settings):
+    root = tmp_path / "alloc"
+    shutil.copytree(project, root)
+    write_params(root, allocate={"pareto_ratios": [0.3, 0.6], **settings})
+    assert allocate.main(["--root", str(root)]) == 0
+    assert prune.main(["--root", str(root)]) == 0
+    paths = io.Paths(root)
+    metrics = io.read_metrics(paths.metrics("prune"))
+    budget = settings.get("budget", "params")
+    if budget in ("params", "both"):
+        assert metrics["sparsity"] >= 0.6
+    if budget == "flops":
+        assert metrics["flops_reduction"] >= 0.6
+    if budget == "both":
+        assert metrics["flops_reduction"] >= 0.5
+    allocation = io.read_allocation(paths.allocation)
+    if "exclude" in settings:
+        assert allocation.sparsity[0] == 0 and allocation.sparsity[-1] == 0  # conv1, fc dense
+        assert (allocation.sparsity <= 0.9).all()
+    pareto = pq.read_table(paths.pareto)
+    assert pareto.num_rows == 2 * 5 and sorted(set(pareto.column("ratio").to_pylist())) == [
+        0.3,
+        0.6,
+    ]
+    assert (root / "plots" / "pareto.csv").read_text().startswith("ratio,sparsity,flops_reduction")

@@ -10,9 +10,8 @@ from pipeline.training import train
 def test_masked_training_keeps_pruned_weights_exactly_zero():
     torch.manual_seed(0)
     model = build_model("digits_cnn", 1, 10)
-    masks = magnitude_masks(
-        model, {"conv1": 0.5, "conv2": 0.9, "conv3": 0.3, "conv4": 0.7, "fc": 0.6}
-    )
+    kept = {"conv1": 72, "conv2": 460, "conv3": 12900, "conv4": 11000, "fc": 256}
+    masks = magnitude_masks(model, kept)
     apply_masks(model, masks)
     data = TensorDataset(torch.randn(96, 1, 8, 8), torch.randint(0, 10, (96,)))
     before = {k: v.clone() for k, v in model.state_dict().items()}
