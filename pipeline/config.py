@@ -47,9 +47,9 @@ class ModelParams:
     checkpoint: str | None = None  # null: the baseline stage trains the model itself
 
     def validate(self) -> None:
-        from pipeline.models import MODELS
+        from pipeline.models import resolve_model
 
-        _check_choice("model.arch", self.arch, MODELS)
+        resolve_model(self.arch)
 
 
 @dataclass(frozen=True)
@@ -59,6 +59,7 @@ class DataParams:
     test_fraction: float = 0.2  # `digits` only: share of the 1,797 images held out for testing
     mean: list[float] | None = None  # per-channel normalisation; null: the dataset's default
     std: list[float] | None = None
+    image_size: int | None = None  # null: images as they are; else resize + centre crop (ImageNet)
 
     def validate(self) -> None:
         from pipeline.data import DATASETS
@@ -71,6 +72,8 @@ class DataParams:
             raise _fail(
                 "data.mean/data.std", (self.mean, self.std), "lists of one value per channel"
             )
+        if self.image_size is not None:
+            _check_positive("data.image_size", self.image_size)
         if self.std is not None and any(s <= 0 for s in self.std):
             raise _fail("data.std", self.std, "positive numbers")
 
@@ -98,8 +101,12 @@ class TrainParams:
 class CalibrateParams:
     size: int = 256  # calibration images drawn (seeded) from the training split
     batch_size: int = 256
+    source: str = "data"  # data: training images; synthetic: standard-normal inputs (zero-data)
 
     def validate(self) -> None:
+        from pipeline.data import CALIBRATION_SOURCES
+
+        _check_choice("calibrate.source", self.source, CALIBRATION_SOURCES)
         _check_positive("calibrate.size", self.size)
         _check_positive("calibrate.batch_size", self.batch_size)
 
@@ -107,10 +114,17 @@ class CalibrateParams:
 @dataclass(frozen=True)
 class ProfileParams:
     levels: int = 41  # grid points 0, 1/(levels-1), ..., 1
-    batch_size: int = 256
+    batch_size: int = 32  # calibration images per pass; small batches stay in CPU caches
     threads: int = 1  # torch threads per profiling task; fixed so every backend gives equal bytes
+    engine: str = "fast"  # fast: suffix-only recomputation; naive: a full forward per level
+    memory_mb: int = 64  # bound on one batched multi-level pass of the fast engine (GPU: raise)
+    bn_correction: bool = False  # re-estimate the consuming BatchNorm's statistics per level
 
     def validate(self) -> None:
+        from pipeline.distortion import ENGINES
+
+        _check_choice("profile.engine", self.engine, ENGINES)
+        _check_positive("profile.memory_mb", self.memory_mb)
         if self.levels < 2:
             raise _fail("profile.levels", self.levels, "an integer >= 2 (grid 0, ..., 1)")
         _check_positive("profile.batch_size", self.batch_size)
@@ -158,9 +172,12 @@ class AllocateParams:
 @dataclass(frozen=True)
 class PruneParams:
     ratio: float = 0.8  # fraction of all prunable weights removed
+    bn_recalibration: int = 0  # training images to re-estimate BatchNorm statistics on; 0: off
 
     def validate(self) -> None:
         _check_range("prune.ratio", self.ratio, 0.0, 1.0, hi_open=True)
+        if self.bn_recalibration < 0:
+            raise _fail("prune.bn_recalibration", self.bn_recalibration, "an integer >= 0 (0: off)")
 
 
 @dataclass(frozen=True)

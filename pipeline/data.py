@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -64,8 +65,134 @@ def load_digits_splits(params: DataParams) -> DatasetSplits:
     return DatasetSplits(train_eval=train, train=train, test=test, in_channels=1, num_classes=10)
 
 
+CIFAR10_MEAN, CIFAR10_STD = [0.4914, 0.4822, 0.4465], [0.2470, 0.2435, 0.2616]
+IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
+
+
+def _transforms(params: DataParams, mean: list[float], std: list[float], height: int):
+    """(train, eval) torchvision transforms.
+
+    data.image_size null: small images used as they are (eval: none; train: random crop with
+    4-pixel padding and flips, the CIFAR recipe). Else the ImageNet recipe: eval resizes to
+    size * 256 / 224 and centre-crops to size; train takes random resized crops and flips.
+    """
+    from torchvision import transforms as T
+
+    normalize = [T.ToTensor(), T.Normalize(params.mean or mean, params.std or std)]
+    size = params.image_size
+    if size is None:
+        train = [T.RandomCrop(height, padding=4), T.RandomHorizontalFlip()]
+        evaluation: list = []
+    else:
+        train = [T.RandomResizedCrop(size), T.RandomHorizontalFlip()]
+        evaluation = [T.Resize(round(size * 256 / 224)), T.CenterCrop(size)]
+    return T.Compose(train + normalize), T.Compose(evaluation + normalize)
+
+
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise PipelineError(f"data.root: {path} not found; allowed: {what}")
+    return path
+
+
+class CifarBatches(Dataset):
+    """Images of python-pickled CIFAR batches (torchvision's on-disk format): each file holds
+    ``data`` (N, 3072) uint8 rows and ``labels``. Items are (transform(PIL image), label)."""
+
+    def __init__(self, files: list[Path], transform) -> None:
+        import pickle
+
+        data, labels = [], []
+        for f in files:
+            with open(f, "rb") as handle:
+                entry = pickle.load(handle, encoding="latin1")
+            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(entry.get("labels", entry.get("fine_labels", [])))
+        self.images = np.concatenate(data).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        return self.transform(Image.fromarray(self.images[i])), int(self.labels[i])
+
+
+CIFAR_TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
+
+
+@register_dataset("cifar10")
+def load_cifar10(params: DataParams) -> DatasetSplits:
+    """CIFAR-10 in torchvision's on-disk format: data.root holds ``cifar-10-batches-py/``
+    (data_batch_1..5, test_batch) or is that directory. Never downloads."""
+    allowed = "a directory holding cifar-10-batches-py/ with data_batch_1..5 and test_batch"
+    if params.root is None:
+        raise PipelineError(f"data.root = None; allowed: {allowed}")
+    root = Path(params.root)
+    folder = root if root.name == "cifar-10-batches-py" else root / "cifar-10-batches-py"
+    _require_dir(folder, allowed)
+    missing = [n for n in [*CIFAR_TRAIN, "test_batch"] if not (folder / n).is_file()]
+    if missing:
+        raise PipelineError(f"data.root: {folder} lacks {', '.join(missing)}; allowed: {allowed}")
+    train_tf, eval_tf = _transforms(params, CIFAR10_MEAN, CIFAR10_STD, 32)
+    try:
+        train_files = [folder / n for n in CIFAR_TRAIN]
+        train, train_eval = CifarBatches(train_files, train_tf), CifarBatches(train_files, eval_tf)
+        test = CifarBatches([folder / "test_batch"], eval_tf)
+    except (OSError, KeyError, ValueError, EOFError) as exc:
+        raise PipelineError(
+            f"data.root: {folder} is not a readable CIFAR-10 directory ({exc})"
+        ) from None
+    return DatasetSplits(
+        train_eval=train_eval, train=train, test=test, in_channels=3, num_classes=10
+    )
+
+
+@register_dataset("imagefolder")
+def load_imagefolder(params: DataParams) -> DatasetSplits:
+    """ImageNet layout: data.root/train/<class>/* and data.root/val/<class>/* (or test/)."""
+    from torchvision.datasets import ImageFolder
+
+    if params.root is None:
+        raise PipelineError("data.root = None; allowed: a directory with train/ and val/ or test/")
+    allowed = "a directory with train/ and val/ (or test/) class folders"
+    root = _require_dir(Path(params.root), allowed)
+    _require_dir(root / "train", allowed)
+    held_out = next((root / d for d in ("val", "test") if (root / d).is_dir()), None)
+    if held_out is None:
+        raise PipelineError(f"data.root: {root} has no val/ or test/; allowed: {allowed}")
+    try:
+        probe = ImageFolder(str(root / "train"))
+        height = probe[0][0].size[1]
+        train_tf, eval_tf = _transforms(params, IMAGENET_MEAN, IMAGENET_STD, height)
+        train_eval = ImageFolder(str(root / "train"), eval_tf)
+        train = ImageFolder(str(root / "train"), train_tf)
+        test = ImageFolder(str(held_out), eval_tf)
+    except (FileNotFoundError, OSError, RuntimeError) as exc:
+        raise PipelineError(f"data.root: {root} is not a readable image folder ({exc})") from None
+    if test.classes != train_eval.classes:
+        raise PipelineError(f"data.root: {held_out.name}/ and train/ have different class folders")
+    channels = 1 if probe[0][0].mode == "L" else 3
+    return DatasetSplits(
+        train_eval=train_eval,
+        train=train,
+        test=test,
+        in_channels=channels,
+        num_classes=len(train_eval.classes),
+    )
+
+
 def load_dataset(params: DataParams) -> DatasetSplits:
     return DATASETS[params.name](params)
+
+
+def synthetic_inputs(like: torch.Tensor, size: int, seed: int) -> torch.Tensor:
+    """Zero-data calibration: standard-normal inputs (size, *like.shape) in the normalised
+    input space, as in the paper."""
+    return torch.randn(size, *like.shape, generator=torch.Generator().manual_seed(seed))
 
 
 def calibration_subset(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,3 +207,20 @@ def calibration_subset(dataset: Dataset, size: int, seed: int) -> tuple[torch.Te
     inputs = torch.stack([x for x, _ in items]).to(torch.float32)
     labels = torch.tensor([int(y) for _, y in items], dtype=torch.int64)
     return inputs, labels
+
+
+def _from_data(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return calibration_subset(dataset, size, seed)
+
+
+def _synthetic(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return synthetic_inputs(dataset[0][0], size, seed), None  # no labels: zero-data
+
+
+# calibrate.source -> (dataset, size, seed) -> (inputs (N, ...), labels (N,) or None)
+CALIBRATION_SOURCES: dict[
+    str, Callable[[Dataset, int, int], tuple[torch.Tensor, torch.Tensor | None]]
+] = {
+    "data": _from_data,
+    "synthetic": _synthetic,
+}

@@ -8,15 +8,21 @@ against the dense reference is reduced to its mean (``distortion``) and max
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import nn
 
+from pipeline.batchnorm import ChannelMoments
 from pipeline.errors import PipelineError
 from pipeline.evaluation import per_sample_distortion, predict_logits, torch_threads
-from pipeline.masking import magnitude_mask, pruned_count
+from pipeline.masking import mask_pruning, pruned_count
+from pipeline.suffix import NotTraceable, SuffixRunner, consumer_batchnorm
+
+log = logging.getLogger(__name__)
 
 
 def sparsity_grid(levels: int) -> np.ndarray:
@@ -70,7 +76,165 @@ class DistortionCurves:
                 )
 
 
+def _grid_counts(numel: int, sparsities: np.ndarray) -> list[int]:
+    return [pruned_count(numel, float(s)) for s in sparsities]
+
+
+def _moments_of_input(model: nn.Module, bn: nn.Module, inputs: torch.Tensor, batch_size: int):
+    """(mean, var) of what ``bn`` receives over the calibration set (one eval forward)."""
+    moments = ChannelMoments()
+    handle = bn.register_forward_pre_hook(lambda module, args: moments.add(args[0]))
+    try:
+        predict_logits(model, inputs, batch_size)
+    finally:
+        handle.remove()
+    return moments.stats()
+
+
 @torch.no_grad()
+def profile_naive(
+    layer: str,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    reference: torch.Tensor,
+    sparsities: np.ndarray,
+    batch_size: int,
+    memory_mb: int,
+    bn_correction: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The paper's algorithm: one full forward pass of the calibration set per level (two with
+    ``bn_correction``: the first re-estimates the consuming BatchNorm's statistics)."""
+    modules = dict(model.named_modules())
+    weight = modules[layer].weight
+    original = weight.detach().clone()
+    bn_name = consumer_batchnorm(model, layer) if bn_correction else None
+    bn = modules[bn_name] if bn_name else None
+    saved = (bn.running_mean.clone(), bn.running_var.clone()) if bn is not None else None
+    means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
+    try:
+        for j, k in enumerate(_grid_counts(original.numel(), sparsities)):
+            if k == 0:
+                continue  # nothing pruned: the network is the dense one, distortion is 0
+            weight.copy_(original * mask_pruning(original, k))
+            if bn is not None:
+                bn.running_mean.copy_(saved[0])
+                bn.running_var.copy_(saved[1])
+                mean, var = _moments_of_input(model, bn, inputs, batch_size)
+                bn.running_mean.copy_(mean)
+                bn.running_var.copy_(var)
+            d = per_sample_distortion(predict_logits(model, inputs, batch_size), reference)
+            means[j], maxes[j] = float(d.mean()), float(d.max())
+    finally:
+        weight.copy_(original)
+        if bn is not None:
+            bn.running_mean.copy_(saved[0])
+            bn.running_var.copy_(saved[1])
+    return means, maxes
+
+
+@torch.no_grad()
+def profile_fast(
+    layer: str,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    reference: torch.Tensor,
+    sparsities: np.ndarray,
+    batch_size: int,
+    memory_mb: int,
+    bn_correction: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Suffix-only recomputation (see suffix.py), several levels per batched pass.
+
+    Falls back to ``profile_naive`` with a warning for models torch.fx cannot trace, or when
+    the suffix pass fails its check: with the dense weight it must reproduce the reference.
+    """
+    try:
+        runner = SuffixRunner(model, layer)
+        return _profile_suffix(
+            runner, inputs, reference, sparsities, batch_size, memory_mb, bn_correction
+        )
+    except (NotTraceable, _SuffixMismatch, RuntimeError) as exc:
+        log.warning(
+            "profile layer %s: fast engine unavailable (%s); using full forward passes", layer, exc
+        )
+        return profile_naive(
+            layer, model, inputs, reference, sparsities, batch_size, memory_mb, bn_correction
+        )
+
+
+class _SuffixMismatch(Exception):
+    pass
+
+
+def _level_chunks(todo: list[int], group: int) -> list[list[int]]:
+    return [todo[i : i + group] for i in range(0, len(todo), group)] or [[]]
+
+
+def _bn_stats(
+    runner: SuffixRunner, inputs: torch.Tensor, todo: list[int], pruned, batch_size: int
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per level: (mean, var) of the pruned layer's output over the calibration set."""
+    moments = {j: ChannelMoments() for j in todo}
+    for start in range(0, len(inputs), batch_size):
+        frontier = runner.upstream(inputs[start : start + batch_size])
+        for j, out in zip(
+            todo, runner.layer_outputs(frontier, [pruned(j) for j in todo]), strict=True
+        ):
+            moments[j].add(out)
+    return {j: m.stats() for j, m in moments.items()}
+
+
+def _profile_suffix(
+    runner: SuffixRunner,
+    inputs: torch.Tensor,
+    reference: torch.Tensor,
+    sparsities: np.ndarray,
+    batch_size: int,
+    memory_mb: int,
+    bn_correction: bool,
+) -> tuple[np.ndarray, np.ndarray]:
+    weight = runner.module.weight.detach()
+    counts = _grid_counts(weight.numel(), sparsities)
+    todo = [j for j, k in enumerate(counts) if k > 0]  # k = 0 is the dense network: distortion 0
+    sums, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
+    order = torch.argsort(weight.abs().flatten(), stable=True)  # the tie-break of mask_pruning
+
+    def pruned(j: int) -> torch.Tensor:
+        flat = weight.flatten().clone()
+        flat[order[: counts[j]]] = 0
+        return flat.view_as(weight)
+
+    correct = bn_correction and runner.bn_node is not None
+    stats = _bn_stats(runner, inputs, todo, pruned, batch_size) if correct and todo else {}
+    for start in range(0, len(inputs), batch_size):
+        x, ref = inputs[start : start + batch_size], reference[start : start + batch_size]
+        frontier = runner.upstream(x)
+        per_level = runner.bytes_per_sample(frontier) * len(x)
+        group = max(1, (memory_mb << 20) // per_level)
+        for c, chunk in enumerate(_level_chunks(todo, group)):
+            weights = [pruned(j) for j in chunk]
+            check = start == 0 and c == 0  # the dense weight must reproduce the reference
+            bn = [stats[j] for j in chunk] + [None] * check if correct else None
+            logits = runner.run(frontier, weights + [weight] if check else weights, bn)
+            logits = logits.view(len(weights) + check, len(x), -1)
+            if check:
+                dense = logits[-1]
+                if dense.shape != ref.shape or not torch.allclose(
+                    dense, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max())
+                ):
+                    raise _SuffixMismatch("the suffix pass does not reproduce the dense logits")
+                logits = logits[:-1]
+            if chunk:
+                d = per_sample_distortion(logits, ref).numpy()  # (levels, samples)
+                sums[chunk] += d.sum(axis=1)
+                maxes[chunk] = np.maximum(maxes[chunk], d.max(axis=1))
+    return sums / len(inputs), maxes
+
+
+ProfileEngine = Callable[..., tuple[np.ndarray, np.ndarray]]
+ENGINES: dict[str, ProfileEngine] = {"fast": profile_fast, "naive": profile_naive}
+
+
 def profile_layer(
     layer: str,
     *,
@@ -80,23 +244,19 @@ def profile_layer(
     sparsities: np.ndarray,
     batch_size: int,
     threads: int,
+    engine: str = "fast",
+    memory_mb: int = 64,
+    bn_correction: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distortion curve of one layer: (mean, max), each (K,) float64 over ``sparsities``.
 
-    inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits. The layer's
-    weight is restored before returning, so ``model`` may be shared between calls.
+    inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits. ``engine``:
+    "fast" (suffix-only recomputation) or "naive" (full forward passes); ``memory_mb`` bounds
+    the batched multi-level passes; ``bn_correction`` re-estimates the statistics of the
+    BatchNorm consuming the layer from the pruned outputs on the calibration set, as the prune
+    stage's BN recalibration will. The model is left unchanged, so it may be shared.
     """
-    weight = dict(model.named_modules())[layer].weight
-    original = weight.detach().clone()
-    means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
-    try:
-        with torch_threads(threads):
-            for j, s in enumerate(sparsities):
-                if pruned_count(original.numel(), float(s)) == 0:
-                    continue  # nothing pruned: the network is the dense one, distortion is 0
-                weight.copy_(original * magnitude_mask(original, float(s)))
-                d = per_sample_distortion(predict_logits(model, inputs, batch_size), reference)
-                means[j], maxes[j] = float(d.mean()), float(d.max())
-    finally:
-        weight.copy_(original)
-    return means, maxes
+    with torch_threads(threads):
+        return ENGINES[engine](
+            layer, model, inputs, reference, sparsities, batch_size, memory_mb, bn_correction
+        )

@@ -34,9 +34,12 @@ def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> t
 
 
 def per_sample_distortion(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Mean squared logit error of each sample, float64 (N,): mean_c (logits - reference)^2."""
+    """Mean squared logit error of each sample, float64: mean_c (logits - reference)^2.
+
+    logits (..., N, C) against reference (N, C) -> (..., N).
+    """
     diff = logits.to(torch.float64) - reference.to(torch.float64)
-    return diff.pow(2).mean(dim=1)
+    return diff.pow(2).mean(dim=-1)
 
 
 def output_distortion(logits: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:

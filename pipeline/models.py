@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+import inspect
 from collections.abc import Callable, Mapping
 
 import torch
@@ -55,13 +57,144 @@ def digits_cnn(in_channels: int, num_classes: int) -> nn.Module:
     return DigitsCNN(in_channels, num_classes)
 
 
-def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
-    """Instantiate a registered model in eval mode."""
-    if arch not in MODELS:
-        raise PipelineError(
-            f"model.arch = {arch!r} is unknown; allowed: {', '.join(sorted(MODELS))}"
+class _Lambda(nn.Module):
+    def __init__(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fn(x)
+
+
+class CifarBasicBlock(nn.Module):
+    """He et al.'s CIFAR block with the parameter-free "option A" shortcut: stride-2
+    subsampling plus zero-padded channels."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            pad = planes // 4
+            self.shortcut = _Lambda(
+                lambda x: nn.functional.pad(
+                    x[:, :, ::2, ::2], (0, 0, 0, 0, pad, pad), "constant", 0
+                )
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) + self.shortcut(x)
+        return torch.relu(out)
+
+
+class CifarResNet(nn.Module):
+    """CIFAR ResNet-(6n+2): 16/32/64 channels, head named ``linear``. Parameter names match
+    the widely used public CIFAR checkpoints (after stripping DataParallel's ``module.``)."""
+
+    def __init__(self, n: int, in_channels: int = 3, num_classes: int = 10) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(16)
+        planes = [16, 32, 64]
+        self.layer1 = self._stage(16, planes[0], n, 1)
+        self.layer2 = self._stage(planes[0], planes[1], n, 2)
+        self.layer3 = self._stage(planes[1], planes[2], n, 2)
+        self.linear = nn.Linear(planes[2], num_classes)
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, blocks: int, stride: int) -> nn.Sequential:
+        strides = [stride] + [1] * (blocks - 1)
+        layers = []
+        for s in strides:
+            layers.append(CifarBasicBlock(in_planes, planes, s))
+            in_planes = planes
+        return nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.layer3(self.layer2(self.layer1(out)))
+        out = nn.functional.adaptive_avg_pool2d(out, 1)
+        return self.linear(torch.flatten(out, 1))
+
+
+for _depth in (20, 32, 44, 56, 110):
+    register_model(f"cifar_resnet{_depth}")(
+        lambda in_channels, num_classes, n=(_depth - 2) // 6: CifarResNet(
+            n, in_channels, num_classes
         )
-    return MODELS[arch](in_channels, num_classes).eval()
+    )
+
+
+def _torchvision(name: str) -> ModelFactory:
+    """``torchvision:NAME``: any torchvision classification model, random weights (load a
+    local file with ``model.checkpoint``; nothing is downloaded)."""
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if name not in names:
+        raise PipelineError(
+            f"model.arch = 'torchvision:{name}' is unknown; allowed: torchvision:NAME with NAME "
+            f"one of {', '.join(names[:8])}, … ({len(names)} classification models)"
+        )
+    return lambda in_channels, num_classes: torchvision.models.get_model(
+        name, weights=None, num_classes=num_classes
+    )
+
+
+def _user_factory(spec: str) -> ModelFactory:
+    """``package.module:factory``: a callable returning an nn.Module. It receives
+    ``in_channels`` and/or ``num_classes`` as keywords when its signature names them
+    (``num_classes`` also when it takes ``**kwargs``)."""
+    module_name, _, attr = spec.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as exc:
+        raise PipelineError(
+            f"model.arch = {spec!r} cannot be imported ({exc}); allowed: package.module:factory"
+        ) from None
+    accepted = set(inspect.signature(factory).parameters)
+    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()):
+        accepted.add("num_classes")  # the convention of torchvision-style factories
+
+    def build(in_channels: int, num_classes: int) -> nn.Module:
+        given = {"in_channels": in_channels, "num_classes": num_classes}
+        model = factory(**{k: v for k, v in given.items() if k in accepted})
+        if not isinstance(model, nn.Module):
+            raise PipelineError(
+                f"model.arch = {spec!r} returned {type(model).__name__}, not an nn.Module"
+            )
+        return model
+
+    return build
+
+
+# `prefix:rest` arch names resolved by source; any other `a.b:c` is a user's import path.
+MODEL_SOURCES: dict[str, Callable[[str], ModelFactory]] = {"torchvision": _torchvision}
+
+
+def resolve_model(arch: str) -> ModelFactory:
+    """The factory behind ``model.arch``: a registry name, ``torchvision:NAME`` or
+    ``package.module:factory``."""
+    if arch in MODELS:
+        return MODELS[arch]
+    prefix, sep, rest = arch.partition(":")
+    if sep and prefix in MODEL_SOURCES:
+        return MODEL_SOURCES[prefix](rest)
+    if sep and prefix and rest:
+        return _user_factory(arch)
+    raise PipelineError(
+        f"model.arch = {arch!r} is unknown; allowed: {', '.join(sorted(MODELS))}, "
+        "torchvision:NAME, package.module:factory"
+    )
+
+
+def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
+    """Instantiate ``model.arch`` in eval mode."""
+    return resolve_model(arch)(in_channels, num_classes).eval()
 
 
 def normalize_state_dict(obj: object) -> dict[str, torch.Tensor]:
@@ -78,6 +211,11 @@ def load_weights(
 ) -> None:
     """Strict ``load_state_dict`` whose failure names the checkpoint, the arch and the keys."""
     own = model.state_dict()
+    # Checkpoints from before PyTorch 0.4.1 lack BatchNorm's step counter, unused in eval.
+    state_dict = {
+        **{k: v for k, v in own.items() if k.endswith("num_batches_tracked")},
+        **state_dict,
+    }
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
     wrong = sorted(k for k in set(own) & set(state_dict) if own[k].shape != state_dict[k].shape)

@@ -1,4 +1,4 @@
-"""calibrate: seeded calibration subset, the dense model's reference logits and accuracy."""
+"""calibrate: seeded calibration set, the dense model's reference logits and accuracy."""
 
 from __future__ import annotations
 
@@ -7,29 +7,35 @@ from collections.abc import Sequence
 
 from pipeline import io
 from pipeline.config import Params
-from pipeline.data import calibration_subset, load_dataset
+from pipeline.data import CALIBRATION_SOURCES, load_dataset
 from pipeline.evaluation import accuracy, predict_logits
 from pipeline.stage import load_model, log, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
     splits = load_dataset(params.data)
-    inputs, labels = calibration_subset(splits.train_eval, params.calibrate.size, params.seed)
+    draw = CALIBRATION_SOURCES[params.calibrate.source]
+    inputs, labels = draw(splits.train_eval, params.calibrate.size, params.seed)
     model = load_model(
         params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint"
     )
     reference = predict_logits(model, inputs, params.calibrate.batch_size)
+    if labels is None:  # zero-data calibration: the dense model's own predictions
+        labels = reference.argmax(1)
     dense_accuracy = accuracy(model, splits.test)
     io.write_calibration(paths.calibration, inputs, labels, reference)
-    io.write_metrics(
-        paths.metrics("calibrate"),
-        {
-            "dense_accuracy": dense_accuracy,
-            "calibration_accuracy": float((reference.argmax(1) == labels).float().mean()),
-            "size": len(labels),
-        },
+    metrics = {
+        "dense_accuracy": dense_accuracy,
+        "calibration_accuracy": float((reference.argmax(1) == labels).float().mean()),
+        "size": len(labels),
+    }
+    io.write_metrics(paths.metrics("calibrate"), metrics)
+    log.info(
+        "calibrate: %d %s inputs, dense test accuracy %.4f",
+        len(labels),
+        params.calibrate.source,
+        dense_accuracy,
     )
-    log.info("calibrate: %d images, dense test accuracy %.4f", len(labels), dense_accuracy)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,9 @@ def run(params: Params, paths: io.Paths) -> None:
         "sparsities": grid,
         "batch_size": params.profile.batch_size,
         "threads": params.profile.threads,
+        "engine": params.profile.engine,
+        "memory_mb": params.profile.memory_mb,
+        "bn_correction": params.profile.bn_correction,
     }
     results = map_tasks(
         profile_layer, list(numel), shared=shared, params=params.ray, desc="profile layers"

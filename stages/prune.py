@@ -6,8 +6,9 @@ import sys
 from collections.abc import Sequence
 
 from pipeline import io
+from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params
-from pipeline.data import load_dataset
+from pipeline.data import calibration_subset, load_dataset
 from pipeline.evaluation import accuracy, output_distortion, predict_logits
 from pipeline.layers import prunable_numel
 from pipeline.masking import apply_masks, magnitude_masks, zero_count
@@ -24,6 +25,13 @@ def run(params: Params, paths: io.Paths) -> None:
     allocation.check_matches(prunable_numel(model), str(paths.allocation))
     kept = dict(zip(allocation.layers, allocation.kept.tolist(), strict=True))
     apply_masks(model, magnitude_masks(model, kept))
+    extra = {}
+    if params.prune.bn_recalibration:  # the same post-processing for every allocation method
+        extra["accuracy_before_bn_recalibration"] = accuracy(model, splits.test)
+        images, _ = calibration_subset(
+            splits.train_eval, params.prune.bn_recalibration, params.seed + 1
+        )
+        recalibrate_bn(model, images, params.calibrate.batch_size)
     logits = predict_logits(model, inputs, params.calibrate.batch_size)
     measured, measured_max = output_distortion(logits, reference)
     zeros, total = zero_count(model)
@@ -36,6 +44,7 @@ def run(params: Params, paths: io.Paths) -> None:
         "measured_distortion": measured,
         "measured_distortion_max": measured_max,
         "predicted_distortion": allocation.total_predicted,
+        **extra,
     }
     io.write_metrics(paths.metrics("prune"), metrics)
     log.info(

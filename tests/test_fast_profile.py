@@ -1,0 +1,120 @@
+"""The fast engine (suffix-only recomputation) equals the naive full-forward table."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pipeline.distortion import profile_layer, sparsity_grid
+from pipeline.evaluation import predict_logits
+from pipeline.layers import prunable_numel
+from pipeline.models import build_model
+from pipeline.suffix import SuffixRunner
+from tests.models_zoo import TinyDenseNet, TinyMLP, TinyResNet, randomized
+
+CASES = {
+    "resnet": (lambda: randomized(TinyResNet()), (3, 8, 8)),
+    "densenet": (lambda: randomized(TinyDenseNet()), (3, 6, 6)),
+    "mlp": (lambda: randomized(TinyMLP()), (12,)),
+    "digits_cnn": (lambda: randomized(build_model("digits_cnn", 1, 10)), (1, 8, 8)),
+}
+
+
+def tables(model, shape, memory_mb, batch_size=16, bn_correction=False):
+    inputs = torch.randn(40, *shape, generator=torch.Generator().manual_seed(1))
+    reference = predict_logits(model, inputs, batch_size)
+    grid = sparsity_grid(11)
+    out = {}
+    for engine in ("naive", "fast"):
+        out[engine] = [
+            profile_layer(
+                name,
+                model=model,
+                inputs=inputs,
+                reference=reference,
+                sparsities=grid,
+                batch_size=batch_size,
+                threads=1,
+                engine=engine,
+                memory_mb=memory_mb,
+                bn_correction=bn_correction,
+            )
+            for name in prunable_numel(model)
+        ]
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("memory_mb", [1, 1024])  # one level per pass / all levels in one pass
+def test_fast_equals_naive(case, memory_mb, caplog):
+    build, shape = CASES[case]
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    out = tables(model, shape, memory_mb)
+    assert "fast engine unavailable" not in caplog.text
+    for (mean_n, max_n), (mean_f, max_f) in zip(out["naive"], out["fast"], strict=True):
+        np.testing.assert_allclose(mean_f, mean_n, rtol=1e-4, atol=0)
+        np.testing.assert_allclose(max_f, max_n, rtol=1e-4, atol=0)
+        assert mean_f[0] == 0 and (mean_f[1:] > 0).all()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("case", ["resnet", "digits_cnn"])
+def test_bn_correction_fast_equals_naive_and_changes_the_curves(case):
+    build, shape = CASES[case]
+    model = build()
+    corrected = tables(model, shape, memory_mb=1, bn_correction=True)
+    plain = tables(model, shape, memory_mb=1)
+    for (mean_n, _), (mean_f, _) in zip(corrected["naive"], corrected["fast"], strict=True):
+        np.testing.assert_allclose(mean_f, mean_n, rtol=1e-4, atol=0)
+    changed = [
+        not np.allclose(a[0], b[0]) for a, b in zip(corrected["fast"], plain["fast"], strict=True)
+    ]
+    assert any(changed)  # layers feeding a BatchNorm get corrected curves
+    assert not changed[-1]  # the head feeds no BatchNorm
+
+
+def test_recalibrate_bn_matches_the_data_statistics():
+    from pipeline.batchnorm import recalibrate_bn
+
+    model = randomized(TinyResNet())
+    x = torch.randn(64, 3, 8, 8) * 3 + 1
+    assert recalibrate_bn(model, x, batch_size=64) == 6  # stem bn + 2 + 3 in the blocks
+    conv_out = model.stem(x)
+    np.testing.assert_allclose(
+        model.bn.running_mean, conv_out.mean((0, 2, 3)).detach(), rtol=1e-4, atol=1e-5
+    )
+    assert not model.training
+
+
+def test_suffix_skips_upstream_work():
+    model = randomized(TinyResNet())
+    runner = SuffixRunner(model, "linear")
+    assert [n.op for n in runner.order] == ["call_module", "output"]
+    first = SuffixRunner(model, "stem")
+    assert len(first.order) > 10  # everything after the stem
+
+
+class Untraceable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            return self.fc(x)
+        return self.fc(-x)
+
+
+def test_untraceable_model_falls_back_with_a_warning(caplog):
+    model = Untraceable().eval()
+    inputs = torch.randn(8, 4)
+    reference = predict_logits(model, inputs, 8)
+    grid = sparsity_grid(5)
+    kwargs = dict(
+        model=model, inputs=inputs, reference=reference, sparsities=grid, batch_size=8, threads=1
+    )
+    fast = profile_layer("fc", engine="fast", **kwargs)
+    naive = profile_layer("fc", engine="naive", **kwargs)
+    assert "fast engine unavailable" in caplog.text
+    assert np.array_equal(fast[0], naive[0])

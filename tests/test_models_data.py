@@ -1,0 +1,136 @@
+"""Every model family and data format, on tiny generated inputs."""
+
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.config import DataParams, load_params
+from pipeline.data import calibration_subset, load_dataset, synthetic_inputs
+from pipeline.errors import PipelineError
+from pipeline.layers import macs_per_weight, prunable_numel
+from pipeline.models import build_model, load_weights, normalize_state_dict
+
+PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("depth", [20, 32, 44, 56, 110])
+def test_cifar_resnets(depth):
+    model = build_model(f"cifar_resnet{depth}", 3, 10)
+    layers = prunable_numel(model)
+    assert len(layers) == depth  # 6n+1 convs and the `linear` head
+    assert list(layers)[0] == "conv1" and list(layers)[-1] == "linear"
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
+
+
+def test_cifar_resnet_loads_public_checkpoint_layout():
+    """{"state_dict": {"module.<name>": ...}} without BN step counters, as the public files."""
+    source = build_model("cifar_resnet20", 3, 10)
+    state = {f"module.{k}": v for k, v in source.state_dict().items() if "num_batches" not in k}
+    target = build_model("cifar_resnet20", 3, 10)
+    load_weights(
+        target,
+        normalize_state_dict({"state_dict": state, "best_prec1": 91.7}),
+        "x.th",
+        "cifar_resnet20",
+    )
+    assert torch.equal(target.layer3[2].conv2.weight, source.layer3[2].conv2.weight)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "vgg11_bn", "mobilenet_v2", "densenet121"])
+def test_torchvision_models_by_name(name):
+    model = build_model(f"torchvision:{name}", 3, 7)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 7)
+    macs = macs_per_weight(model, torch.randn(1, 3, 32, 32))
+    assert set(macs) == set(prunable_numel(model)) and all(v >= 1 for v in macs.values())
+
+
+def test_user_factory_by_import_path_and_bad_names():
+    model = build_model("torchvision.models:resnet18", 3, 4)  # receives num_classes
+    assert model(torch.randn(2, 3, 32, 32)).shape == (2, 4)
+    fixed = build_model("tests.models_zoo:TinyMLP", 3, 4)  # names neither: called bare
+    assert fixed(torch.randn(2, 12)).shape == (2, 5)
+    with pytest.raises(PipelineError, match="torchvision:notanet"):
+        build_model("torchvision:notanet", 3, 10)
+    with pytest.raises(PipelineError, match="cannot be imported"):
+        build_model("tests.nowhere:factory", 3, 10)
+    with pytest.raises(PipelineError, match="allowed: cifar_resnet110, .*digits_cnn"):
+        build_model("resnet9000", 3, 10)
+
+
+def write_image_folder(root: Path, classes=3, per_class=4, size=10) -> None:
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("val", 2)):
+        for c in range(classes):
+            (root / split / f"class{c}").mkdir(parents=True)
+            for i in range(n):
+                pixels = rng.integers(0, 255, size=(size, size, 3), dtype=np.uint8)
+                Image.fromarray(pixels).save(root / split / f"class{c}" / f"{i}.png")
+
+
+def test_image_folder(tmp_path):
+    write_image_folder(tmp_path)
+    splits = load_dataset(DataParams(name="imagefolder", root=str(tmp_path)))
+    assert (len(splits.train_eval), len(splits.test), splits.num_classes, splits.in_channels) == (
+        12,
+        6,
+        3,
+        3,
+    )
+    x, y = calibration_subset(splits.train_eval, 5, seed=0)
+    assert x.shape == (5, 3, 10, 10) and y.dtype == torch.int64
+    again, _ = calibration_subset(splits.train_eval, 5, seed=0)
+    assert torch.equal(x, again)  # seeded, evaluation transforms: deterministic
+    resized = load_dataset(DataParams(name="imagefolder", root=str(tmp_path), image_size=8))
+    assert resized.train_eval[0][0].shape == (3, 8, 8)
+    (tmp_path / "val").rename(tmp_path / "elsewhere")
+    with pytest.raises(PipelineError, match="no val/ or test/"):
+        load_dataset(DataParams(name="imagefolder", root=str(tmp_path)))
+    with pytest.raises(PipelineError, match="data.root"):
+        load_dataset(DataParams(name="imagefolder", root=str(tmp_path / "missing")))
+
+
+def write_cifar(root: Path, per_batch=6) -> None:
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        entry = {
+            "data": rng.integers(0, 255, size=(per_batch, 3072), dtype=np.uint8),
+            "labels": list(rng.integers(0, 10, size=per_batch)),
+        }
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+
+
+def test_cifar_format_directory(tmp_path):
+    write_cifar(tmp_path)
+    splits = load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
+    assert (len(splits.train_eval), len(splits.test)) == (30, 6)
+    x, y = splits.test[0]
+    assert x.shape == (3, 32, 32) and 0 <= y < 10
+    (tmp_path / "cifar-10-batches-py" / "test_batch").unlink()
+    with pytest.raises(PipelineError, match="lacks test_batch"):
+        load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
+
+
+def test_synthetic_calibration_is_seeded_standard_normal():
+    x = synthetic_inputs(torch.zeros(3, 32, 32), 512, seed=0)
+    assert x.shape == (512, 3, 32, 32) and torch.equal(
+        x, synthetic_inputs(torch.zeros(3, 32, 32), 512, 0)
+    )
+    assert abs(float(x.mean())) < 0.01 and abs(float(x.std()) - 1) < 0.01
+
+
+@pytest.mark.parametrize("preset", PRESETS, ids=lambda p: p.name)
+def test_presets_are_complete_valid_params(preset):
+    import yaml
+
+    mapping = yaml.safe_load(preset.read_text())
+    params = load_params(mapping)
+    for section in ("model", "data", "calibrate", "profile", "allocate", "prune", "finetune"):
+        assert section in mapping, section
+    assert params.profile.levels >= 21
