@@ -144,6 +144,7 @@ class AllocateParams:
     limits: dict[str, list[float]] = field(default_factory=dict)  # glob -> [min, max] sparsity
     exclude: list[str] = field(default_factory=list)  # globs of layers kept dense
     pareto_ratios: list[float] = field(default_factory=lambda: list(PARETO_RATIOS))
+    steps: int = 1  # progressive allocation: reach the ratio in k re-profiled steps (1: one-shot)
 
     def validate(self) -> None:
         from pipeline.allocation import ALLOCATORS
@@ -151,6 +152,8 @@ class AllocateParams:
         _check_choice("allocate.method", self.method, ALLOCATORS)
         _check_choice("allocate.distortion", self.distortion, DISTORTION_KINDS)
         _check_choice("allocate.budget", self.budget, BUDGETS)
+        if self.steps < 1:
+            raise _fail("allocate.steps", self.steps, "an integer >= 1 (1: one-shot)")
         if (self.budget == "both") != (self.flops_ratio is not None):
             raise _fail(
                 "allocate.flops_ratio", self.flops_ratio, "a ratio with budget 'both', else null"

@@ -91,6 +91,11 @@ def _moments_of_input(model: nn.Module, bn: nn.Module, inputs: torch.Tensor, bat
     return moments.stats()
 
 
+def _set_running_stats(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
+    bn.running_mean.copy_(mean)
+    bn.running_var.copy_(var)
+
+
 @torch.no_grad()
 def profile_naive(
     layer: str,
@@ -111,24 +116,21 @@ def profile_naive(
     bn = modules[bn_name] if bn_name else None
     saved = (bn.running_mean.clone(), bn.running_var.clone()) if bn is not None else None
     means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
+    zeros = int((original == 0).sum())
     try:
         for j, k in enumerate(_grid_counts(original.numel(), sparsities)):
-            if k == 0:
-                continue  # nothing pruned: the network is the dense one, distortion is 0
+            if k <= zeros:
+                continue  # only zeros pruned: the network is unchanged, distortion is 0
             weight.copy_(original * mask_pruning(original, k))
             if bn is not None:
-                bn.running_mean.copy_(saved[0])
-                bn.running_var.copy_(saved[1])
-                mean, var = _moments_of_input(model, bn, inputs, batch_size)
-                bn.running_mean.copy_(mean)
-                bn.running_var.copy_(var)
+                # what the BN receives does not depend on its own statistics
+                _set_running_stats(bn, *_moments_of_input(model, bn, inputs, batch_size))
             d = per_sample_distortion(predict_logits(model, inputs, batch_size), reference)
             means[j], maxes[j] = float(d.mean()), float(d.max())
     finally:
         weight.copy_(original)
         if bn is not None:
-            bn.running_mean.copy_(saved[0])
-            bn.running_var.copy_(saved[1])
+            _set_running_stats(bn, *saved)
     return means, maxes
 
 
@@ -146,7 +148,8 @@ def profile_fast(
     """Suffix-only recomputation (see suffix.py), several levels per batched pass.
 
     Falls back to ``profile_naive`` with a warning for models torch.fx cannot trace, or when
-    the suffix pass fails its check: with the dense weight it must reproduce the reference.
+    the suffix pass fails its check: with the layer's own weight it must reproduce the
+    model's output.
     """
     try:
         runner = SuffixRunner(model, layer)
@@ -171,16 +174,16 @@ def _level_chunks(todo: list[int], group: int) -> list[list[int]]:
 
 
 def _bn_stats(
-    runner: SuffixRunner, inputs: torch.Tensor, todo: list[int], pruned, batch_size: int
+    runner: SuffixRunner, inputs: torch.Tensor, todo: list[int], pruned, batch_size: int, group: int
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per level: (mean, var) of the pruned layer's output over the calibration set."""
     moments = {j: ChannelMoments() for j in todo}
     for start in range(0, len(inputs), batch_size):
         frontier = runner.upstream(inputs[start : start + batch_size])
-        for j, out in zip(
-            todo, runner.layer_outputs(frontier, [pruned(j) for j in todo]), strict=True
-        ):
-            moments[j].add(out)
+        for chunk in _level_chunks(todo, group):
+            outputs = runner.layer_outputs(frontier, [pruned(j) for j in chunk])
+            for j, out in zip(chunk, outputs, strict=True):
+                moments[j].add(out)
     return {j: m.stats() for j, m in moments.items()}
 
 
@@ -195,7 +198,9 @@ def _profile_suffix(
 ) -> tuple[np.ndarray, np.ndarray]:
     weight = runner.module.weight.detach()
     counts = _grid_counts(weight.numel(), sparsities)
-    todo = [j for j, k in enumerate(counts) if k > 0]  # k = 0 is the dense network: distortion 0
+    # Pruning only weights that are already zero leaves the network unchanged: distortion 0.
+    zeros = int((weight == 0).sum())
+    todo = [j for j, k in enumerate(counts) if k > zeros]
     sums, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     order = torch.argsort(weight.abs().flatten(), stable=True)  # the tie-break of mask_pruning
 
@@ -204,25 +209,32 @@ def _profile_suffix(
         flat[order[: counts[j]]] = 0
         return flat.view_as(weight)
 
+    budget = memory_mb << 20
+    # each level of a pass holds its own pruned copy of the weight (VGG's FC: 400 MB each)
+    weight_group = max(1, budget // (weight.numel() * weight.element_size()))
     correct = bn_correction and runner.bn_node is not None
-    stats = _bn_stats(runner, inputs, todo, pruned, batch_size) if correct and todo else {}
+    stats = (
+        _bn_stats(runner, inputs, todo, pruned, batch_size, weight_group)
+        if correct and todo
+        else {}
+    )
     for start in range(0, len(inputs), batch_size):
         x, ref = inputs[start : start + batch_size], reference[start : start + batch_size]
         frontier = runner.upstream(x)
         per_level = runner.bytes_per_sample(frontier) * len(x)
-        group = max(1, (memory_mb << 20) // per_level)
+        group = max(1, min(budget // per_level, weight_group))
         for c, chunk in enumerate(_level_chunks(todo, group)):
             weights = [pruned(j) for j in chunk]
-            check = start == 0 and c == 0  # the dense weight must reproduce the reference
+            check = start == 0 and c == 0  # the layer's own weight must reproduce the model
             bn = [stats[j] for j in chunk] + [None] * check if correct else None
             logits = runner.run(frontier, weights + [weight] if check else weights, bn)
             logits = logits.view(len(weights) + check, len(x), -1)
             if check:
-                dense = logits[-1]
-                if dense.shape != ref.shape or not torch.allclose(
-                    dense, ref, rtol=1e-3, atol=1e-4 * float(ref.abs().max())
+                own, expected = logits[-1], runner.gm(x)  # the model as it is (maybe pruned)
+                if own.shape != expected.shape or not torch.allclose(
+                    own, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())
                 ):
-                    raise _SuffixMismatch("the suffix pass does not reproduce the dense logits")
+                    raise _SuffixMismatch("the suffix pass does not reproduce the model's logits")
                 logits = logits[:-1]
             if chunk:
                 d = per_sample_distortion(logits, ref).numpy()  # (levels, samples)

@@ -1,5 +1,6 @@
-"""Glue shared by the stage scripts: command line, error reporting, model loading, the result
-record sent to the tracking store."""
+"""Glue shared by the stage scripts: command line, error reporting, model loading, profiling
+through the parallel backend, the allocation problem the params pose, and the result record
+sent to the tracking store."""
 
 from __future__ import annotations
 
@@ -10,15 +11,18 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
+import torch
 from torch import nn
 
 from pipeline import io
 from pipeline.allocation import Problem, layer_bounds
 from pipeline.config import Params, flatten
-from pipeline.distortion import DistortionCurves
+from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
 from pipeline.errors import PipelineError
-from pipeline.layers import prunable_layers
+from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
 from pipeline.models import build_model, load_weights, normalize_state_dict
+from pipeline.parallel import map_tasks
 from pipeline.training import EpochStats
 
 log = logging.getLogger("rdprune")
@@ -50,6 +54,42 @@ def load_model(
     state = normalize_state_dict(io.read_checkpoint(path, what))
     load_weights(model, state, str(path), params.model.arch)
     return model.eval()
+
+
+def profile_curves(
+    params: Params, model: nn.Module, inputs: torch.Tensor, reference: torch.Tensor
+) -> DistortionCurves:
+    """Every prunable layer's distortion curve, one task per layer on the ``ray`` backend.
+
+    inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits.
+    """
+    numel = prunable_numel(model)
+    grid = sparsity_grid(params.profile.levels)
+    shared = {
+        "model": model,
+        "inputs": inputs,
+        "reference": reference,
+        "sparsities": grid,
+        "batch_size": params.profile.batch_size,
+        "threads": params.profile.threads,
+        "engine": params.profile.engine,
+        "memory_mb": params.profile.memory_mb,
+        "bn_correction": params.profile.bn_correction,
+    }
+    layers = list(numel)
+    results = map_tasks(
+        profile_layer, layers, shared=shared, params=params.ray, desc="profile layers"
+    )
+    curves = DistortionCurves(
+        layers=list(numel),
+        numel=np.array(list(numel.values()), dtype=np.int64),
+        sparsity=grid,
+        mean=np.stack([mean for mean, _ in results]),
+        max=np.stack([worst for _, worst in results]),
+        macs_per_weight=np.array(list(macs_per_weight(model, inputs[:1]).values()), dtype=np.int64),
+    )
+    curves.check()
+    return curves
 
 
 def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Module) -> Problem:

@@ -9,9 +9,12 @@ from collections.abc import Sequence
 
 from pipeline import io
 from pipeline.allocation import allocate, pareto_front
+from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params
+from pipeline.evaluation import predict_logits
 from pipeline.layers import prunable_numel
-from pipeline.stage import allocation_problem, load_model, log, run_stage
+from pipeline.progressive import progressive_allocation
+from pipeline.stage import allocation_problem, load_model, log, profile_curves, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
@@ -26,7 +29,21 @@ def run(params: Params, paths: io.Paths) -> None:
     )
     problem = allocation_problem(params, curves, model)
     start = time.perf_counter()
-    allocation = allocate(params.allocate.method, problem)
+    if params.allocate.steps == 1:
+        allocation = allocate(params.allocate.method, problem)
+    else:  # re-profile the partially pruned model between steps
+        inputs, _, _ = io.read_calibration(paths.calibration)
+        allocation = progressive_allocation(
+            model,
+            problem,
+            params.allocate.method,
+            params.allocate.steps,
+            # later steps measure increments against the partially pruned model itself
+            reprofile=lambda m: profile_curves(
+                params, m, inputs, predict_logits(m, inputs, params.calibrate.batch_size)
+            ),
+            recalibrate=lambda m: recalibrate_bn(m, inputs, params.calibrate.batch_size),
+        )
     seconds = time.perf_counter() - start
     allocation.check_matches(prunable_numel(model), str(paths.distortion))
     front = pareto_front(params.allocate.method, problem, params.allocate.pareto_ratios)

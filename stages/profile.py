@@ -6,14 +6,9 @@ import sys
 import time
 from collections.abc import Sequence
 
-import numpy as np
-
 from pipeline import io
 from pipeline.config import Params
-from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
-from pipeline.layers import macs_per_weight, prunable_numel
-from pipeline.parallel import map_tasks
-from pipeline.stage import load_model, log, run_stage
+from pipeline.stage import load_model, log, profile_curves, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
@@ -21,48 +16,27 @@ def run(params: Params, paths: io.Paths) -> None:
     model = load_model(
         params, paths.baseline, inputs.shape[1], reference.shape[1], "baseline checkpoint"
     )
-    numel = prunable_numel(model)
-    grid = sparsity_grid(params.profile.levels)
     start = time.perf_counter()
-    shared = {
-        "model": model,
-        "inputs": inputs,
-        "reference": reference,
-        "sparsities": grid,
-        "batch_size": params.profile.batch_size,
-        "threads": params.profile.threads,
-        "engine": params.profile.engine,
-        "memory_mb": params.profile.memory_mb,
-        "bn_correction": params.profile.bn_correction,
-    }
-    results = map_tasks(
-        profile_layer, list(numel), shared=shared, params=params.ray, desc="profile layers"
-    )
+    curves = profile_curves(params, model, inputs, reference)
     seconds = time.perf_counter() - start
-    curves = DistortionCurves(
-        layers=list(numel),
-        numel=np.array(list(numel.values()), dtype=np.int64),
-        sparsity=grid,
-        mean=np.stack([mean for mean, _ in results]),
-        max=np.stack([worst for _, worst in results]),
-        macs_per_weight=np.array(list(macs_per_weight(model, inputs[:1]).values()), dtype=np.int64),
-    )
-    curves.check()
     meta = {
         "rdprune.arch": params.model.arch,
         "rdprune.in_channels": str(inputs.shape[1]),
         "rdprune.num_classes": str(reference.shape[1]),
     }
     io.write_distortion(paths.distortion, curves, meta)
-    io.write_metrics(
-        paths.metrics("profile"),
-        {"layers": len(numel), "levels": len(grid), "seconds": round(seconds, 2)},
-    )
+    metrics = {
+        "layers": len(curves.layers),
+        "levels": len(curves.sparsity),
+        "seconds": round(seconds, 2),
+    }
+    io.write_metrics(paths.metrics("profile"), metrics)
     log.info(
-        "profile: %d layers x %d levels in %.1f s (%s backend)",
-        len(numel),
-        len(grid),
+        "profile: %d layers x %d levels in %.1f s (%s engine, %s backend)",
+        len(curves.layers),
+        len(curves.sparsity),
         seconds,
+        params.profile.engine,
         params.ray.backend,
     )
 

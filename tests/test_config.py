@@ -16,8 +16,14 @@ def test_defaults_validate():
         ({"prune": {"ratio": 1.0}}, r"prune.ratio = 1.0 .*\[0.0, 1.0\)"),
         ({"prune": {"ratio": -0.1}}, r"prune.ratio = -0.1"),
         ({"prune": {"ratio": "high"}}, r"prune.ratio = 'high' .*float"),
-        ({"model": {"arch": "resnet9000"}}, r"model.arch = 'resnet9000' .*allowed: .*digits_cnn, torchvision:NAME"),
-        ({"data": {"name": "mnist"}}, r"data.name = 'mnist' .*allowed: cifar10, digits, imagefolder"),
+        (
+            {"model": {"arch": "resnet9000"}},
+            r"model.arch = 'resnet9000' .*allowed: .*digits_cnn, torchvision:NAME",
+        ),
+        (
+            {"data": {"name": "mnist"}},
+            r"data.name = 'mnist' .*allowed: cifar10, digits, imagefolder",
+        ),
         (
             {"allocate": {"method": "magic"}},
             r"allocate.method = 'magic' .*allowed: erk, global, lamp, rd",

@@ -87,6 +87,32 @@ def test_recalibrate_bn_matches_the_data_statistics():
     assert not model.training
 
 
+def test_fast_on_a_partially_pruned_model(caplog):
+    """Progressive rounds re-profile a pruned model against the dense reference."""
+    from pipeline.masking import apply_masks, magnitude_masks
+
+    model = randomized(TinyResNet())
+    inputs = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(2))
+    reference = predict_logits(model, inputs, 8)
+    apply_masks(
+        model, magnitude_masks(model, {n: k // 2 for n, k in prunable_numel(model).items()})
+    )
+    kwargs = dict(
+        model=model,
+        inputs=inputs,
+        reference=reference,
+        sparsities=sparsity_grid(6),
+        batch_size=8,
+        threads=1,
+        bn_correction=True,
+    )
+    for name in prunable_numel(model):
+        fast = profile_layer(name, engine="fast", **kwargs)
+        naive = profile_layer(name, engine="naive", **kwargs)
+        np.testing.assert_allclose(fast[0], naive[0], rtol=1e-4, atol=0)
+    assert "fast engine unavailable" not in caplog.text
+
+
 def test_suffix_skips_upstream_work():
     model = randomized(TinyResNet())
     runner = SuffixRunner(model, "linear")

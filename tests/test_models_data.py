@@ -131,6 +131,9 @@ def test_presets_are_complete_valid_params(preset):
 
     mapping = yaml.safe_load(preset.read_text())
     params = load_params(mapping)
-    for section in ("model", "data", "calibrate", "profile", "allocate", "prune", "finetune"):
+    default = yaml.safe_load((preset.parents[1] / "params.yaml").read_text())
+    for section, values in default.items():  # complete: every key params.yaml has
         assert section in mapping, section
+        if isinstance(values, dict):
+            assert set(values) == set(mapping[section]), section
     assert params.profile.levels >= 21

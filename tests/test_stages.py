@@ -182,3 +182,30 @@ def test_allocate_and_prune_with_every_method_and_budget(project, tmp_path, sett
         0.6,
     ]
     assert (root / "plots" / "pareto.csv").read_text().startswith("ratio,sparsity,flops_reduction")
+
+
+def test_imagefolder_cifar_resnet_with_synthetic_calibration(tmp_path):
+    """The whole stage chain on another model family and data format, zero-data calibration."""
+    from tests.test_models_data import write_image_folder
+
+    write_image_folder(tmp_path / "images", classes=10, per_class=3, size=32)
+    params = {
+        "model": {"arch": "cifar_resnet20"},
+        "data": {"name": "imagefolder", "root": str(tmp_path / "images")},
+        "baseline": {"epochs": 1, "batch_size": 16},
+        "calibrate": {"size": 12, "source": "synthetic"},
+        "profile": {"levels": 3, "bn_correction": True},
+        "allocate": {"pareto_ratios": [0.5]},
+        "prune": {"ratio": 0.5, "bn_recalibration": 16},
+        "finetune": {"epochs": 1, "batch_size": 16},
+        "ray": {"backend": "serial"},
+        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    for stage in STAGES:
+        assert stage.main(["--root", str(tmp_path)]) == 0, stage.__name__
+    inputs, labels, reference = io.read_calibration(io.Paths(tmp_path).calibration)
+    assert inputs.shape == (12, 3, 32, 32) and torch.equal(labels, reference.argmax(1))
+    metrics = io.read_metrics(io.Paths(tmp_path).metrics("prune"))
+    assert metrics["sparsity"] >= 0.5 and "accuracy_before_bn_recalibration" in metrics
+    assert len(io.read_allocation(io.Paths(tmp_path).allocation).layers) == 20
