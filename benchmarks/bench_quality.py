@@ -36,6 +36,11 @@ VARIANTS = {
         "profile": {"bn_correction": True, "levels": 21},
         "allocate": {"steps": 3},
     },
+    "rd (bn-corr., max curves)": {
+        "profile": {"bn_correction": True},
+        "allocate": {"distortion": "max"},
+    },
+    "rd (bn-corr., 101 levels)": {"profile": {"bn_correction": True, "levels": 101}},
 }
 
 
