@@ -41,6 +41,10 @@ VARIANTS = {
         "allocate": {"distortion": "max"},
     },
     "rd (bn-corr., 101 levels)": {"profile": {"bn_correction": True, "levels": 101}},
+    "rd + measured selection": {
+        "profile": {"bn_correction": True},
+        "allocate": {"candidates": list(METHODS)},
+    },
 }
 
 

@@ -145,6 +145,7 @@ class AllocateParams:
     exclude: list[str] = field(default_factory=list)  # globs of layers kept dense
     pareto_ratios: list[float] = field(default_factory=lambda: list(PARETO_RATIOS))
     steps: int = 1  # progressive allocation: reach the ratio in k re-profiled steps (1: one-shot)
+    candidates: list[str] = field(default_factory=list)  # methods competing by measured distortion
 
     def validate(self) -> None:
         from pipeline.allocation import ALLOCATORS
@@ -154,6 +155,10 @@ class AllocateParams:
         _check_choice("allocate.budget", self.budget, BUDGETS)
         if self.steps < 1:
             raise _fail("allocate.steps", self.steps, "an integer >= 1 (1: one-shot)")
+        for i, name in enumerate(self.candidates):
+            _check_choice(f"allocate.candidates[{i}]", name, ALLOCATORS)
+        if self.candidates and self.steps > 1:
+            raise _fail("allocate.candidates", self.candidates, "[] when allocate.steps > 1")
         if (self.budget == "both") != (self.flops_ratio is not None):
             raise _fail(
                 "allocate.flops_ratio", self.flops_ratio, "a ratio with budget 'both', else null"

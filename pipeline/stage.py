@@ -16,13 +16,17 @@ import torch
 from torch import nn
 
 from pipeline import io
-from pipeline.allocation import Problem, layer_bounds
+from pipeline.allocation import Allocation, Problem, allocate, layer_bounds
+from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
 from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
 from pipeline.errors import PipelineError
+from pipeline.evaluation import predict_logits
 from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
 from pipeline.models import build_model, load_weights, normalize_state_dict
 from pipeline.parallel import map_tasks
+from pipeline.progressive import progressive_allocation
+from pipeline.selection import select_measured
 from pipeline.training import EpochStats
 
 log = logging.getLogger("rdprune")
@@ -105,6 +109,36 @@ def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Modul
         magnitudes=[weights[n].abs().flatten().numpy() for n in curves.layers],
         shapes=[tuple(weights[n].shape) for n in curves.layers],
     )
+
+
+def choose_allocation(
+    params: Params, paths: io.Paths, model: nn.Module, problem: Problem
+) -> tuple[str, Allocation, dict[str, float]]:
+    """(method chosen, its allocation, measured distortion per candidate) as params ask:
+    one-shot ``allocate.method``; ``allocate.steps`` > 1: progressive, re-profiling the
+    partially pruned model against its own outputs; ``allocate.candidates``: the method and
+    the candidates compete by measured joint distortion on the calibration set."""
+    method, allocate_params = params.allocate.method, params.allocate
+    if allocate_params.steps == 1 and not allocate_params.candidates:
+        return method, allocate(method, problem), {}
+    inputs, _, reference = io.read_calibration(paths.calibration)
+    batch = params.calibrate.batch_size
+    if allocate_params.steps > 1:
+        allocation = progressive_allocation(
+            model,
+            problem,
+            method,
+            allocate_params.steps,
+            reprofile=lambda m: profile_curves(params, m, inputs, predict_logits(m, inputs, batch)),
+            recalibrate=lambda m: recalibrate_bn(m, inputs, batch),
+        )
+        return method, allocation, {}
+    names = list(dict.fromkeys([method, *allocate_params.candidates]))
+    allocations = {name: allocate(name, problem) for name in names}
+    chosen, measured = select_measured(
+        model, allocations, inputs, reference, batch, recalibrate=params.prune.bn_recalibration > 0
+    )
+    return chosen, allocations[chosen], measured
 
 
 def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> str:

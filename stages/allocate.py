@@ -8,13 +8,10 @@ import time
 from collections.abc import Sequence
 
 from pipeline import io
-from pipeline.allocation import allocate, pareto_front
-from pipeline.batchnorm import recalibrate_bn
+from pipeline.allocation import pareto_front
 from pipeline.config import Params
-from pipeline.evaluation import predict_logits
 from pipeline.layers import prunable_numel
-from pipeline.progressive import progressive_allocation
-from pipeline.stage import allocation_problem, load_model, log, profile_curves, run_stage
+from pipeline.stage import allocation_problem, choose_allocation, load_model, log, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
@@ -29,21 +26,7 @@ def run(params: Params, paths: io.Paths) -> None:
     )
     problem = allocation_problem(params, curves, model)
     start = time.perf_counter()
-    if params.allocate.steps == 1:
-        allocation = allocate(params.allocate.method, problem)
-    else:  # re-profile the partially pruned model between steps
-        inputs, _, _ = io.read_calibration(paths.calibration)
-        allocation = progressive_allocation(
-            model,
-            problem,
-            params.allocate.method,
-            params.allocate.steps,
-            # later steps measure increments against the partially pruned model itself
-            reprofile=lambda m: profile_curves(
-                params, m, inputs, predict_logits(m, inputs, params.calibrate.batch_size)
-            ),
-            recalibrate=lambda m: recalibrate_bn(m, inputs, params.calibrate.batch_size),
-        )
+    chosen, allocation, measured = choose_allocation(params, paths, model, problem)
     seconds = time.perf_counter() - start
     allocation.check_matches(prunable_numel(model), str(paths.distortion))
     front = pareto_front(params.allocate.method, problem, params.allocate.pareto_ratios)
@@ -52,6 +35,7 @@ def run(params: Params, paths: io.Paths) -> None:
         "rdprune.ratio": repr(params.prune.ratio),
         "rdprune.budget": params.allocate.budget,
         "rdprune.distortion": params.allocate.distortion,
+        "rdprune.selected": chosen,
     }
     io.write_allocation(paths.allocation, allocation, extra)
     io.write_pareto(paths.pareto, front, extra)
@@ -76,6 +60,7 @@ def run(params: Params, paths: io.Paths) -> None:
         [(r, *(a.summary()[c] for c in columns)) for r, a in front],
     )
     metrics = {
+        **{f"measured_distortion.{name}": value for name, value in measured.items()},
         **allocation.summary(),
         "ratio": params.prune.ratio,
         "solve_seconds": round(seconds, 3),

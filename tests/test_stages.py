@@ -209,3 +209,20 @@ def test_imagefolder_cifar_resnet_with_synthetic_calibration(tmp_path):
     metrics = io.read_metrics(io.Paths(tmp_path).metrics("prune"))
     assert metrics["sparsity"] >= 0.5 and "accuracy_before_bn_recalibration" in metrics
     assert len(io.read_allocation(io.Paths(tmp_path).allocation).layers) == 20
+
+
+def test_allocate_selects_among_candidates_by_measured_distortion(project, tmp_path):
+    root = tmp_path / "select"
+    shutil.copytree(project, root)
+    write_params(root, allocate={"candidates": ["global", "lamp"], "pareto_ratios": [0.5]})
+    assert allocate.main(["--root", str(root)]) == 0
+    paths = io.Paths(root)
+    metrics = io.read_metrics(paths.metrics("allocate"))
+    measured = {
+        k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("measured_distortion.")
+    }
+    assert set(measured) == {"rd", "global", "lamp"}
+    selected = io.read_table_metadata(paths.allocation)["rdprune.selected"]
+    assert selected == min(measured, key=measured.get)
+    assert prune.main(["--root", str(root)]) == 0
+    assert io.read_metrics(paths.metrics("prune"))["sparsity"] >= 0.6
