@@ -37,8 +37,6 @@ from pipeline.distortion import DistortionCurves
 from pipeline.errors import PipelineError
 from pipeline.masking import pruned_count
 
-MEASURES = ("params", "flops")  # kept weights, kept multiply-accumulates
-
 
 # ---------------------------------------------------------------------------- problem
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ against the dense reference is reduced to its mean (``distortion``) and max
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,6 +45,24 @@ class DistortionCurves:
     mean: np.ndarray
     max: np.ndarray
     macs_per_weight: np.ndarray
+
+    @classmethod
+    def from_profiles(
+        cls,
+        numel: Mapping[str, int],
+        sparsity: np.ndarray,
+        results: Sequence[tuple[np.ndarray, np.ndarray]],
+        macs_per_weight: Mapping[str, int],
+    ) -> DistortionCurves:
+        """Curves from per-layer ``profile_layer`` results (mean, max), in ``numel``'s order."""
+        return cls(
+            layers=list(numel),
+            numel=np.array(list(numel.values()), dtype=np.int64),
+            sparsity=sparsity,
+            mean=np.stack([mean for mean, _ in results]),
+            max=np.stack([worst for _, worst in results]),
+            macs_per_weight=np.array([macs_per_weight[n] for n in numel], dtype=np.int64),
+        )
 
     def kept(self) -> np.ndarray:
         """(L, K) int64 weights kept at each grid level."""

@@ -11,7 +11,6 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -80,17 +79,11 @@ def profile_curves(
         "memory_mb": params.profile.memory_mb,
         "bn_correction": params.profile.bn_correction,
     }
-    layers = list(numel)
     results = map_tasks(
-        profile_layer, layers, shared=shared, params=params.ray, desc="profile layers"
+        profile_layer, list(numel), shared=shared, params=params.ray, desc="profile layers"
     )
-    curves = DistortionCurves(
-        layers=list(numel),
-        numel=np.array(list(numel.values()), dtype=np.int64),
-        sparsity=grid,
-        mean=np.stack([mean for mean, _ in results]),
-        max=np.stack([worst for _, worst in results]),
-        macs_per_weight=np.array(list(macs_per_weight(model, inputs[:1]).values()), dtype=np.int64),
+    curves = DistortionCurves.from_profiles(
+        numel, grid, results, macs_per_weight(model, inputs[:1])
     )
     curves.check()
     return curves

@@ -1,6 +1,5 @@
 """Serial and Ray backends: same tables, byte for byte. Starts a real local Ray instance."""
 
-import numpy as np
 import pytest
 import torch
 
@@ -36,14 +35,7 @@ def profile_all(backend: str) -> DistortionCurves:
     results = map_tasks(
         profile_layer, list(numel), shared=shared, params=RayParams(backend=backend, num_cpus=2)
     )
-    return DistortionCurves(
-        list(numel),
-        np.array(list(numel.values())),
-        grid,
-        np.stack([r[0] for r in results]),
-        np.stack([r[1] for r in results]),
-        np.ones(len(numel), dtype=np.int64),
-    )
+    return DistortionCurves.from_profiles(numel, grid, results, dict.fromkeys(numel, 1))
 
 
 def test_serial_map_keeps_order():

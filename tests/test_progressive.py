@@ -39,15 +39,7 @@ def test_progressive_masks_only_grow_and_meet_the_budget():
             )
             for n in numel
         ]
-        macs = np.array(list(macs_per_weight(m, inputs[:1]).values()))
-        return DistortionCurves(
-            list(numel),
-            np.array(list(numel.values())),
-            grid,
-            np.stack([r[0] for r in rows]),
-            np.stack([r[1] for r in rows]),
-            macs,
-        )
+        return DistortionCurves.from_profiles(numel, grid, rows, macs_per_weight(m, inputs[:1]))
 
     seen, calls = [], []
 
