@@ -181,9 +181,13 @@ class AllocateParams:
 class PruneParams:
     ratio: float = 0.8  # fraction of all prunable weights removed
     bn_recalibration: int = 0  # training images to re-estimate BatchNorm statistics on; 0: off
+    bn_recalibration_mode: str = "relative"  # BN_RULES: relative (to the dense model) | absolute
 
     def validate(self) -> None:
+        from pipeline.batchnorm import BN_RULES
+
         _check_range("prune.ratio", self.ratio, 0.0, 1.0, hi_open=True)
+        _check_choice("prune.bn_recalibration_mode", self.bn_recalibration_mode, BN_RULES)
         if self.bn_recalibration < 0:
             raise _fail("prune.bn_recalibration", self.bn_recalibration, "an integer >= 0 (0: off)")
 

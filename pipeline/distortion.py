@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batchnorm import ChannelMoments
+from pipeline.batchnorm import BN_RULES, ChannelMoments, input_moments, set_running_stats
 from pipeline.errors import PipelineError
 from pipeline.evaluation import per_sample_distortion, predict_logits, torch_threads
 from pipeline.masking import mask_pruning, pruned_count
@@ -98,22 +98,6 @@ def _grid_counts(numel: int, sparsities: np.ndarray) -> list[int]:
     return [pruned_count(numel, float(s)) for s in sparsities]
 
 
-def _moments_of_input(model: nn.Module, bn: nn.Module, inputs: torch.Tensor, batch_size: int):
-    """(mean, var) of what ``bn`` receives over the calibration set (one eval forward)."""
-    moments = ChannelMoments()
-    handle = bn.register_forward_pre_hook(lambda module, args: moments.add(args[0]))
-    try:
-        predict_logits(model, inputs, batch_size)
-    finally:
-        handle.remove()
-    return moments.stats()
-
-
-def _set_running_stats(bn: nn.Module, mean: torch.Tensor, var: torch.Tensor) -> None:
-    bn.running_mean.copy_(mean)
-    bn.running_var.copy_(var)
-
-
 @torch.no_grad()
 def profile_naive(
     layer: str,
@@ -123,16 +107,17 @@ def profile_naive(
     sparsities: np.ndarray,
     batch_size: int,
     memory_mb: int,
-    bn_correction: bool = False,
+    bn_correction: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper's algorithm: one full forward pass of the calibration set per level (two with
-    ``bn_correction``: the first re-estimates the consuming BatchNorm's statistics)."""
+    ``bn_correction``: the first measures what the consuming BatchNorm receives)."""
     modules = dict(model.named_modules())
     weight = modules[layer].weight
     original = weight.detach().clone()
     bn_name = consumer_batchnorm(model, layer) if bn_correction else None
     bn = modules[bn_name] if bn_name else None
     saved = (bn.running_mean.clone(), bn.running_var.clone()) if bn is not None else None
+    dense = input_moments(model, [bn], inputs, batch_size)[0] if bn is not None else None
     means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     zeros = int((original == 0).sum())
     try:
@@ -142,13 +127,15 @@ def profile_naive(
             weight.copy_(original * mask_pruning(original, k))
             if bn is not None:
                 # what the BN receives does not depend on its own statistics
-                _set_running_stats(bn, *_moments_of_input(model, bn, inputs, batch_size))
+                set_running_stats(bn, saved)
+                pruned = input_moments(model, [bn], inputs, batch_size)[0]
+                set_running_stats(bn, BN_RULES[bn_correction](bn, dense, pruned))
             d = per_sample_distortion(predict_logits(model, inputs, batch_size), reference)
             means[j], maxes[j] = float(d.mean()), float(d.max())
     finally:
         weight.copy_(original)
         if bn is not None:
-            _set_running_stats(bn, *saved)
+            set_running_stats(bn, saved)
     return means, maxes
 
 
@@ -161,7 +148,7 @@ def profile_fast(
     sparsities: np.ndarray,
     batch_size: int,
     memory_mb: int,
-    bn_correction: bool = False,
+    bn_correction: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Suffix-only recomputation (see suffix.py), several levels per batched pass.
 
@@ -192,17 +179,29 @@ def _level_chunks(todo: list[int], group: int) -> list[list[int]]:
 
 
 def _bn_stats(
-    runner: SuffixRunner, inputs: torch.Tensor, todo: list[int], pruned, batch_size: int, group: int
+    runner: SuffixRunner,
+    inputs: torch.Tensor,
+    todo: list[int],
+    pruned,
+    batch_size: int,
+    group: int,
+    rule: str,
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """Per level: (mean, var) of the pruned layer's output over the calibration set."""
-    moments = {j: ChannelMoments() for j in todo}
+    """Per level: the consuming BatchNorm's statistics by ``BN_RULES[rule]`` from the moments
+    of the pruned layer's output over the calibration set (and of its current output)."""
+    moments = {j: ChannelMoments() for j in [-1, *todo]}  # -1: the layer's current weight
+    weight = runner.module.weight.detach()
     for start in range(0, len(inputs), batch_size):
         frontier = runner.upstream(inputs[start : start + batch_size])
-        for chunk in _level_chunks(todo, group):
-            outputs = runner.layer_outputs(frontier, [pruned(j) for j in chunk])
+        for chunk in _level_chunks([-1, *todo], group):
+            outputs = runner.layer_outputs(
+                frontier, [pruned(j) if j >= 0 else weight for j in chunk]
+            )
             for j, out in zip(chunk, outputs, strict=True):
                 moments[j].add(out)
-    return {j: m.stats() for j, m in moments.items()}
+    bn = runner.gm.get_submodule(runner.bn_node.target)
+    dense = moments.pop(-1).stats()
+    return {j: BN_RULES[rule](bn, dense, m.stats()) for j, m in moments.items()}
 
 
 def _profile_suffix(
@@ -212,7 +211,7 @@ def _profile_suffix(
     sparsities: np.ndarray,
     batch_size: int,
     memory_mb: int,
-    bn_correction: bool,
+    bn_correction: str | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     weight = runner.module.weight.detach()
     counts = _grid_counts(weight.numel(), sparsities)
@@ -230,9 +229,9 @@ def _profile_suffix(
     budget = memory_mb << 20
     # each level of a pass holds its own pruned copy of the weight (VGG's FC: 400 MB each)
     weight_group = max(1, budget // (weight.numel() * weight.element_size()))
-    correct = bn_correction and runner.bn_node is not None
+    correct = bn_correction is not None and runner.bn_node is not None
     stats = (
-        _bn_stats(runner, inputs, todo, pruned, batch_size, weight_group)
+        _bn_stats(runner, inputs, todo, pruned, batch_size, weight_group, bn_correction)
         if correct and todo
         else {}
     )
@@ -276,15 +275,16 @@ def profile_layer(
     threads: int,
     engine: str = "fast",
     memory_mb: int = 64,
-    bn_correction: bool = False,
+    bn_correction: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distortion curve of one layer: (mean, max), each (K,) float64 over ``sparsities``.
 
     inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits. ``engine``:
     "fast" (suffix-only recomputation) or "naive" (full forward passes); ``memory_mb`` bounds
-    the batched multi-level passes; ``bn_correction`` re-estimates the statistics of the
-    BatchNorm consuming the layer from the pruned outputs on the calibration set, as the prune
-    stage's BN recalibration will. The model is left unchanged, so it may be shared.
+    the batched multi-level passes; ``bn_correction`` (a ``BN_RULES`` name, or None) sets the
+    statistics of the BatchNorm consuming the layer from the pruned outputs on the calibration
+    set by that rule, as the prune stage's BN recalibration will. The model is left unchanged,
+    so it may be shared.
     """
     with torch_threads(threads):
         return ENGINES[engine](

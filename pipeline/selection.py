@@ -26,10 +26,11 @@ def measured_distortion(
     inputs: torch.Tensor,
     reference: torch.Tensor,
     batch_size: int,
-    recalibrate: bool,
+    bn_mode: str | None,
 ) -> float:
     """Mean per-sample logit MSE of ``model`` pruned by ``allocation`` against ``reference``
-    (N, classes) on ``inputs`` (N, ...), after BN recalibration on them if ``recalibrate``."""
+    (N, classes) on ``inputs`` (N, ...), after BN recalibration on them by rule ``bn_mode``
+    (a ``BN_RULES`` name; None: none)."""
     pruned = copy.deepcopy(model)
     apply_masks(
         pruned,
@@ -37,8 +38,8 @@ def measured_distortion(
             pruned, dict(zip(allocation.layers, allocation.kept.tolist(), strict=True))
         ),
     )
-    if recalibrate:
-        recalibrate_bn(pruned, inputs, batch_size)
+    if bn_mode is not None:
+        recalibrate_bn(pruned, model, inputs, batch_size, bn_mode)
     return output_distortion(predict_logits(pruned, inputs, batch_size), reference)[0]
 
 
@@ -48,12 +49,12 @@ def select_measured(
     inputs: torch.Tensor,
     reference: torch.Tensor,
     batch_size: int,
-    recalibrate: bool,
+    bn_mode: str | None,
 ) -> tuple[str, dict[str, float]]:
     """(name of the candidate with the least measured distortion, every candidate's value).
     Ties go to the first candidate."""
     measured = {
-        name: measured_distortion(model, a, inputs, reference, batch_size, recalibrate)
+        name: measured_distortion(model, a, inputs, reference, batch_size, bn_mode)
         for name, a in candidates.items()
     }
     return min(measured, key=measured.__getitem__), measured

@@ -77,7 +77,9 @@ def profile_curves(
         "threads": params.profile.threads,
         "engine": params.profile.engine,
         "memory_mb": params.profile.memory_mb,
-        "bn_correction": params.profile.bn_correction,
+        "bn_correction": params.prune.bn_recalibration_mode
+        if params.profile.bn_correction
+        else None,
     }
     results = map_tasks(
         profile_layer, list(numel), shared=shared, params=params.ray, desc="profile layers"
@@ -123,14 +125,15 @@ def choose_allocation(
             method,
             allocate_params.steps,
             reprofile=lambda m: profile_curves(params, m, inputs, predict_logits(m, inputs, batch)),
-            recalibrate=lambda m: recalibrate_bn(m, inputs, batch),
+            recalibrate=lambda m: recalibrate_bn(
+                m, model, inputs, batch, params.prune.bn_recalibration_mode
+            ),
         )
         return method, allocation, {}
     names = list(dict.fromkeys([method, *allocate_params.candidates]))
     allocations = {name: allocate(name, problem) for name in names}
-    chosen, measured = select_measured(
-        model, allocations, inputs, reference, batch, recalibrate=params.prune.bn_recalibration > 0
-    )
+    mode = params.prune.bn_recalibration_mode if params.prune.bn_recalibration else None
+    chosen, measured = select_measured(model, allocations, inputs, reference, batch, mode)
     return chosen, allocations[chosen], measured
 
 

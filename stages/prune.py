@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import sys
 from collections.abc import Sequence
 
@@ -19,9 +20,10 @@ def run(params: Params, paths: io.Paths) -> None:
     allocation = io.read_allocation(paths.allocation)
     inputs, _, reference = io.read_calibration(paths.calibration)
     splits = load_dataset(params.data)
-    model = load_model(
+    dense = load_model(
         params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint"
     )
+    model = copy.deepcopy(dense)
     allocation.check_matches(prunable_numel(model), str(paths.allocation))
     kept = dict(zip(allocation.layers, allocation.kept.tolist(), strict=True))
     apply_masks(model, magnitude_masks(model, kept))
@@ -31,7 +33,9 @@ def run(params: Params, paths: io.Paths) -> None:
         images, _ = calibration_subset(
             splits.train_eval, params.prune.bn_recalibration, params.seed + 1
         )
-        recalibrate_bn(model, images, params.calibrate.batch_size)
+        recalibrate_bn(
+            model, dense, images, params.calibrate.batch_size, params.prune.bn_recalibration_mode
+        )
     logits = predict_logits(model, inputs, params.calibrate.batch_size)
     measured, measured_max = output_distortion(logits, reference)
     zeros, total = zero_count(model)
