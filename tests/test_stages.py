@@ -226,3 +226,40 @@ def test_allocate_selects_among_candidates_by_measured_distortion(project, tmp_p
     assert selected == min(measured, key=measured.get)
     assert prune.main(["--root", str(root)]) == 0
     assert io.read_metrics(paths.metrics("prune"))["sparsity"] >= 0.6
+
+
+@pytest.mark.parametrize("mode", ["relative", "absolute"])
+def test_prune_bn_recalibration_modes_at_ratio_zero(project, tmp_path, mode):
+    """Nothing pruned: relative recalibration leaves the dense model exactly as it was; absolute
+    re-estimation replaces the BatchNorm statistics with those of the chosen images."""
+    root = tmp_path / mode
+    shutil.copytree(project, root)
+    write_params(
+        root,
+        prune={"ratio": 0.0, "bn_recalibration": 64, "bn_recalibration_mode": mode},
+        allocate={"pareto_ratios": [0.5]},
+    )
+    assert allocate.main(["--root", str(root)]) == 0
+    assert prune.main(["--root", str(root)]) == 0
+    paths = io.Paths(root)
+    dense, pruned = torch.load(paths.baseline), torch.load(paths.pruned)
+    stats = [k for k in dense if k.endswith(("running_mean", "running_var"))]
+    assert stats
+    same = all(torch.allclose(dense[k], pruned[k], rtol=1e-4, atol=1e-6) for k in stats)
+    assert same == (mode == "relative")
+    metrics = io.read_metrics(paths.metrics("prune"))
+    if mode == "relative":
+        assert metrics["accuracy"] == metrics["accuracy_before_bn_recalibration"]
+        assert metrics["measured_distortion"] < 1e-8
+
+
+def test_bad_bn_recalibration_mode_is_one_error_line(project, tmp_path, capsys):
+    root = tmp_path / "bad"
+    shutil.copytree(project, root)
+    write_params(root, prune={"bn_recalibration_mode": "sometimes"})
+    before = io.Paths(root).pruned.read_bytes()
+    assert prune.main(["--root", str(root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: prune.bn_recalibration_mode")
+    assert "relative" in err[-1] and "absolute" in err[-1]
+    assert io.Paths(root).pruned.read_bytes() == before
