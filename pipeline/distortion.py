@@ -126,7 +126,7 @@ def profile_naive(
                 continue  # only zeros pruned: the network is unchanged, distortion is 0
             weight.copy_(original * mask_pruning(original, k))
             if bn is not None:
-                # what the BN receives does not depend on its own statistics
+                # the rule reads the dense statistics; what the BN receives does not
                 set_running_stats(bn, saved)
                 pruned = input_moments(model, [bn], inputs, batch_size)[0]
                 set_running_stats(bn, BN_RULES[bn_correction](bn, dense, pruned))
