@@ -195,15 +195,39 @@ class PruneParams:
 @dataclass(frozen=True)
 class RayParams:
     backend: str = "ray"
-    address: str | None = None  # null: embedded local instance; else "auto", "host:port", "ray://…"
+    address: str | None = None  # null: private local instance (or $RAY_ADDRESS); else a cluster
     num_cpus: int | None = None  # local instance only; null: all cores
+    cpus_per_task: float = 1.0  # CPUs Ray reserves for each profiling task
+    gpus_per_task: float | None = None  # null: 1 when the cluster has GPUs, else 0; 0.25: 4 share
+    max_retries: int = 3  # re-runs of a task whose worker process or node died
+    work_units: int = 64  # the profile is cut into about this many units (>= one per layer)
 
     def validate(self) -> None:
-        from pipeline.parallel import BACKENDS
+        from pipeline.parallel import BACKENDS, parse_address
 
         _check_choice("ray.backend", self.backend, BACKENDS)
+        if self.address is not None:
+            parse_address(self.address)
         if self.num_cpus is not None:
             _check_positive("ray.num_cpus", self.num_cpus)
+            if self.address is not None:
+                raise _fail(
+                    "ray.num_cpus",
+                    self.num_cpus,
+                    "null when ray.address is set (a cluster's nodes declare their own CPUs)",
+                )
+        _check_positive("ray.cpus_per_task", self.cpus_per_task)
+        g = self.gpus_per_task
+        if g is not None and not (
+            math.isfinite(g) and (0 <= g <= 1 or (g > 1 and float(g).is_integer()))
+        ):
+            raise _fail(
+                "ray.gpus_per_task", g, "null, a fraction in [0, 1] or a whole number of GPUs"
+            )
+        if self.max_retries < 0:
+            raise _fail("ray.max_retries", self.max_retries, "an integer >= 0")
+        if self.work_units < 1:
+            raise _fail("ray.work_units", self.work_units, "an integer >= 1")
 
 
 @dataclass(frozen=True)

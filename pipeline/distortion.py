@@ -243,6 +243,8 @@ def _profile_suffix(
         for c, chunk in enumerate(_level_chunks(todo, group)):
             weights = [pruned(j) for j in chunk]
             check = start == 0 and c == 0  # the layer's own weight must reproduce the model
+            if not chunk and not check:
+                continue  # a level range with nothing to prune: only its self-check runs
             bn = [stats[j] for j in chunk] + [None] * check if correct else None
             logits = runner.run(frontier, weights + [weight] if check else weights, bn)
             logits = logits.view(len(weights) + check, len(x), -1)

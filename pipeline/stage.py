@@ -18,15 +18,16 @@ from pipeline import io
 from pipeline.allocation import Allocation, Problem, allocate, layer_bounds
 from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
-from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
+from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.errors import PipelineError
 from pipeline.evaluation import predict_logits
 from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
 from pipeline.models import build_model, load_weights, normalize_state_dict
-from pipeline.parallel import map_tasks
+from pipeline.parallel import Placement, run_tasks
 from pipeline.progressive import progressive_allocation
 from pipeline.selection import select_measured
 from pipeline.training import EpochStats
+from pipeline.workunits import assemble, layer_costs, plan_units, profile_unit
 
 log = logging.getLogger("rdprune")
 
@@ -60,14 +61,26 @@ def load_model(
 
 
 def profile_curves(
-    params: Params, model: nn.Module, inputs: torch.Tensor, reference: torch.Tensor
+    params: Params,
+    model: nn.Module,
+    inputs: torch.Tensor,
+    reference: torch.Tensor,
+    placements: list[Placement] | None = None,
 ) -> DistortionCurves:
-    """Every prunable layer's distortion curve, one task per layer on the ``ray`` backend.
+    """Every prunable layer's distortion curve, profiled in work units (a layer or a range of
+    its levels, largest first) on the ``ray.backend``.
 
-    inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits.
+    inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits. The units
+    depend on the model and params only, so the table is the same on every backend and
+    cluster. ``placements``, if given, receives where each unit ran (in unit order).
     """
     numel = prunable_numel(model)
-    grid = sparsity_grid(params.profile.levels)
+    macs = macs_per_weight(model, inputs[:1])
+    levels = params.profile.levels
+    grid = sparsity_grid(levels)
+    bn_mode = params.prune.bn_recalibration_mode if params.profile.bn_correction else None
+    costs = layer_costs(numel, macs, params.profile.engine, bn_mode is not None)
+    units = plan_units(costs, levels, params.ray.work_units)
     shared = {
         "model": model,
         "inputs": inputs,
@@ -77,18 +90,31 @@ def profile_curves(
         "threads": params.profile.threads,
         "engine": params.profile.engine,
         "memory_mb": params.profile.memory_mb,
-        "bn_correction": params.prune.bn_recalibration_mode
-        if params.profile.bn_correction
-        else None,
+        "bn_correction": bn_mode,
     }
-    results = map_tasks(
-        profile_layer, list(numel), shared=shared, params=params.ray, desc="profile layers"
+    run = run_tasks(
+        profile_unit, units, shared=shared, params=params.ray, desc="profile", device_arg="device"
     )
-    curves = DistortionCurves.from_profiles(
-        numel, grid, results, macs_per_weight(model, inputs[:1])
-    )
+    if placements is not None:
+        placements.extend(run.placements)
+    per_layer = assemble(units, run.results, levels)
+    curves = DistortionCurves.from_profiles(numel, grid, [per_layer[n] for n in numel], macs)
     curves.check()
     return curves
+
+
+def placement_summary(placements: Sequence[Placement]) -> dict[str, dict]:
+    """``{node id (12 hex digits): {"ip", "units", "gpu_ids", "devices", "pids"}}`` for the
+    profile metrics: which nodes, GPUs and devices the work units ran on."""
+    nodes: dict[str, dict] = {}
+    for p in placements:
+        node = nodes.setdefault(
+            p.node_id[:12], {"ip": p.node_ip, "units": 0, "gpu_ids": [], "devices": [], "pids": []}
+        )
+        node["units"] += 1
+        for key, values in (("gpu_ids", p.gpu_ids), ("devices", [p.device]), ("pids", [p.pid])):
+            node[key] = sorted(set(node[key]) | set(values))
+    return nodes
 
 
 def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Module) -> Problem:

@@ -8,7 +8,8 @@ from collections.abc import Sequence
 
 from pipeline import io
 from pipeline.config import Params
-from pipeline.stage import load_model, log, profile_curves, run_stage
+from pipeline.parallel import Placement
+from pipeline.stage import load_model, log, placement_summary, profile_curves, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
@@ -17,7 +18,8 @@ def run(params: Params, paths: io.Paths) -> None:
         params, paths.baseline, inputs.shape[1], reference.shape[1], "baseline checkpoint"
     )
     start = time.perf_counter()
-    curves = profile_curves(params, model, inputs, reference)
+    placements: list[Placement] = []
+    curves = profile_curves(params, model, inputs, reference, placements)
     seconds = time.perf_counter() - start
     meta = {
         "rdprune.arch": params.model.arch,
@@ -29,6 +31,8 @@ def run(params: Params, paths: io.Paths) -> None:
         "layers": len(curves.layers),
         "levels": len(curves.sparsity),
         "seconds": round(seconds, 2),
+        "units": len(placements),
+        "placement": placement_summary(placements),  # nodes, GPU ids, devices the units ran on
     }
     io.write_metrics(paths.metrics("profile"), metrics)
     log.info(

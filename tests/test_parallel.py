@@ -10,7 +10,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import predict_logits
 from pipeline.layers import prunable_numel
 from pipeline.models import build_model
-from pipeline.parallel import _check_reachable, map_tasks
+from pipeline.parallel import map_tasks, probe
 
 
 def _square(x: int, *, offset: int) -> int:
@@ -56,4 +56,4 @@ def test_ray_and_serial_give_identical_tables(tmp_path):
 @pytest.mark.parametrize("address", ["127.0.0.1:1", "localhost:notaport", "nohost"])
 def test_bad_cluster_address_fails_fast(address):
     with pytest.raises(PipelineError, match="ray.address"):
-        _check_reachable(address)
+        probe("ray.address", address)
