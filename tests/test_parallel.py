@@ -1,6 +1,9 @@
-"""Serial and Ray backends: same tables, byte for byte. Starts a real local Ray instance."""
+"""Serial and Ray backends: same tables, byte for byte; a failing task is one error naming
+its unit. Starts one real local Ray instance for the module."""
 
+import numpy as np
 import pytest
+import ray
 import torch
 
 from pipeline import io
@@ -10,7 +13,8 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import predict_logits
 from pipeline.layers import prunable_numel
 from pipeline.models import build_model
-from pipeline.parallel import map_tasks, probe
+from pipeline.parallel import map_tasks, probe, run_tasks
+from pipeline.workunits import WorkUnit, profile_unit
 
 
 def _square(x: int, *, offset: int) -> int:
@@ -44,7 +48,15 @@ def test_serial_map_keeps_order():
     ) == [10, 2, 5]
 
 
-def test_ray_and_serial_give_identical_tables(tmp_path):
+@pytest.fixture(scope="module")
+def ray_local():
+    """A private local instance shared by this module's Ray tests (run_tasks reuses it)."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_ray_and_serial_give_identical_tables(tmp_path, ray_local):
     serial, ray_curves = profile_all("serial"), profile_all("ray")
     assert serial.layers == ["conv1", "conv2", "conv3", "conv4", "fc"]
     assert (serial.mean[:, 1:] > 0).all()
@@ -57,3 +69,22 @@ def test_ray_and_serial_give_identical_tables(tmp_path):
 def test_bad_cluster_address_fails_fast(address):
     with pytest.raises(PipelineError, match="ray.address"):
         probe("ray.address", address)
+
+
+def test_a_failing_ray_task_is_one_error_naming_its_unit(ray_local):
+    model = build_model("digits_cnn", 1, 10)
+    inputs = torch.randn(4, 1, 8, 8)
+    shared = {
+        "model": model,
+        "inputs": inputs,
+        "reference": predict_logits(model, inputs, 4),
+        "sparsities": np.linspace(0, 1, 5),
+        "batch_size": 4,
+        "threads": 1,
+    }
+    units = [WorkUnit("conv1", 0, 0, 5, 2.0), WorkUnit("no_such_layer", 1, 2, 5, 1.0)]
+    with pytest.raises(PipelineError) as error:
+        run_tasks(profile_unit, units, shared=shared, params=RayParams(), desc="profile")
+    message = str(error.value)
+    assert message.startswith("profile: layer 'no_such_layer' levels 2-4 failed: AttributeError")
+    assert "\n" not in message
