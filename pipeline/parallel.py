@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 
 ADDRESS_FORMS = "null, 'auto', 'host:port', 'ray://host:port'"
 PROBE_TIMEOUT_S = 5.0  # per network step of the address probe
-README_CLUSTERS = "see README 'Ray clusters'"
+README_CLUSTERS = "see README 'Running on a cluster'"
 
 
 @dataclass(frozen=True)
@@ -141,11 +141,15 @@ def _target(params: RayParams) -> tuple[str, str] | None:
     return "RAY_ADDRESS", env
 
 
-def _auth_metadata() -> tuple[list[tuple[str, str]], str | None]:
+def _auth_metadata(auto: bool) -> tuple[list[tuple[str, str]], str | None]:
     """(gRPC metadata Ray will send, where its token comes from): Ray sends a token to an
-    explicit address only when ``RAY_AUTH_MODE=token`` (it auto-enables tokens only for
-    clusters it finds itself)."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+    explicit address only when ``RAY_AUTH_MODE=token``; for ``auto`` (a cluster it finds
+    itself) also when the mode is unset and a token is at hand."""
+    mode = os.environ.get("RAY_AUTH_MODE", "").lower()
+    from ray._raylet import AuthenticationTokenLoader
+
+    loader = AuthenticationTokenLoader.instance()
+    if mode != "token" and not (auto and not mode and loader.has_token(ignore_auth_mode=True)):
         return [], None
     source = (
         "RAY_AUTH_TOKEN"
@@ -154,9 +158,6 @@ def _auth_metadata() -> tuple[list[tuple[str, str]], str | None]:
         if os.environ.get("RAY_AUTH_TOKEN_PATH")
         else "~/.ray/auth_token"
     )
-    from ray._raylet import AuthenticationTokenLoader
-
-    loader = AuthenticationTokenLoader.instance()
     if not loader.has_token(ignore_auth_mode=True):
         raise PipelineError(
             "RAY_AUTH_MODE=token but no Ray token found; allowed: the head node's token in "
@@ -197,7 +198,7 @@ def probe(key: str, address: str) -> None:
         ) from None
     import grpc
 
-    metadata, source = _auth_metadata()
+    metadata, source = _auth_metadata(auto=address == "auto")
     with grpc.insecure_channel(f"{host}:{port}") as channel:
         try:
             if scheme == "client":

@@ -79,7 +79,8 @@ def profile_curves(
     levels = params.profile.levels
     grid = sparsity_grid(levels)
     bn_mode = params.prune.bn_recalibration_mode if params.profile.bn_correction else None
-    costs = layer_costs(numel, macs, params.profile.engine, bn_mode is not None)
+    check_share = min(1.0, params.profile.batch_size / len(inputs))
+    costs = layer_costs(numel, macs, params.profile.engine, bn_mode is not None, check_share)
     units = plan_units(costs, levels, params.ray.work_units)
     shared = {
         "model": model,

@@ -45,14 +45,16 @@ def layer_costs(
     macs_per_weight: Mapping[str, int],
     engine: str,
     bn_correction: bool,
+    check_share: float,
 ) -> dict[str, tuple[float, float]]:
     """``{layer: (fixed, per_level)}`` estimated MACs per calibration sample of profiling it.
 
     The prunable layers' MACs stand for the network's (convolutions and linear layers dominate
     it), in ``named_modules()`` order, which is taken as execution order. Fast engine: the
-    upstream prefix runs once per batch (twice with BN correction), the suffix from the layer
-    on runs once per level, plus once for its self-check. Naive engine: one full forward per
-    level (two with BN correction).
+    upstream prefix runs on every batch (twice with BN correction), the suffix from the layer
+    on once per level; the self-check (the suffix with the layer's own weight, and the whole
+    model) runs on the first batch only, ``check_share`` (batch size / images) of the set.
+    Naive engine: one full forward per level (two with BN correction).
     """
     macs = [float(numel[n]) * float(macs_per_weight[n]) for n in numel]
     total = sum(macs)
@@ -66,7 +68,7 @@ def layer_costs(
         else:
             # BN correction adds one pass of just the layer per level (its output moments).
             per_level = suffix + (own if bn_correction else 0.0)
-            costs[name] = (passes * prefix + suffix, per_level)
+            costs[name] = (passes * prefix + check_share * (suffix + total), per_level)
         prefix += own
     return costs
 

@@ -2,7 +2,7 @@
 the profile stage against it, a worker killed mid-profile, a private local instance beside it,
 and every way of failing to connect (one line each, within seconds).
 
-The cluster is started the way README 'Ray clusters' says: `ray get-auth-token --generate`
+The cluster is started the way README 'Running on a cluster' says: `ray get-auth-token --generate`
 and `ray start --head` with RAY_AUTH_MODE=token, and `ray start --address` for a node with its
 own HOME (no token file) that gets the token through RAY_AUTH_TOKEN. Every process runs with
 its own RAY_TMPDIR and HOME and is stopped by PID at the end.
@@ -369,3 +369,37 @@ def test_default_gpus_per_task_follows_the_cluster():
     plan = plan_resources(RayParams(), [{"CPU": 4.0, "GPU": 2.0}, {"CPU": 1.0, "GPU": 1.0}])
     assert (plan.gpus, plan.slots) == (1.0, 3)
     assert plan_resources(RayParams(gpus_per_task=0.25), [{"CPU": 8.0, "GPU": 1.0}]).slots == 4
+
+
+@pytest.mark.parametrize(
+    ("ray", "message"),
+    [
+        ({"gpus_per_task": 1.5}, r"ray.gpus_per_task = 1.5 .*a fraction in \[0, 1\] or a whole"),
+        ({"gpus_per_task": -1}, r"ray.gpus_per_task = -1"),
+        ({"cpus_per_task": 0}, r"ray.cpus_per_task = 0.0 .*positive"),
+        ({"max_retries": -1}, r"ray.max_retries = -1 .*>= 0"),
+        ({"work_units": 0}, r"ray.work_units = 0 .*>= 1"),
+        ({"address": "10.0.0.1"}, r"ray.address = '10.0.0.1' is malformed; allowed: null, 'auto'"),
+        (
+            {"address": "10.0.0.1:6379", "num_cpus": 2},
+            r"ray.num_cpus = 2 .*null when ray.address is set",
+        ),
+    ],
+)
+def test_bad_ray_params_name_the_key(ray, message):
+    from pipeline.config import load_params
+
+    with pytest.raises(PipelineError, match=message):
+        load_params({"ray": ray})
+
+
+def test_ray_address_env_is_honoured_only_when_ray_address_is_null(monkeypatch):
+    from pipeline.parallel import _target
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert _target(RayParams()) is None
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")
+    assert _target(RayParams()) == ("RAY_ADDRESS", "10.0.0.1:6379")
+    assert _target(RayParams(address="10.0.0.2:1")) == ("ray.address", "10.0.0.2:1")
+    with pytest.raises(PipelineError, match=r"ray.num_cpus = 2 .*RAY_ADDRESS"):
+        _target(RayParams(num_cpus=2))

@@ -22,16 +22,18 @@ MACS = {"a": 64, "b": 16, "c": 1}  # MACs per weight: a 6400, b 1600, c 10 per s
 
 
 def test_fast_costs_are_prefix_once_plus_suffix_per_level():
-    costs = layer_costs(NUMEL, MACS, "fast", bn_correction=False)
+    costs = layer_costs(NUMEL, MACS, "fast", bn_correction=False, check_share=0.5)
     total = 6400 + 1600 + 10
-    assert costs["a"] == (total, total)  # no prefix; the self-check is one more suffix pass
-    assert costs["b"] == (6400 + 1610, 1610)
-    assert costs["c"] == (8000 + 10, 10)
-    assert layer_costs(NUMEL, MACS, "naive", bn_correction=True)["c"] == (0, 2 * total)
+    assert costs["a"] == (0.5 * (total + total), total)  # no prefix; self-check on half the set
+    assert costs["b"] == (6400 + 0.5 * (1610 + total), 1610)
+    assert costs["c"] == (8000 + 0.5 * (10 + total), 10)
+    bn = layer_costs(NUMEL, MACS, "fast", bn_correction=True, check_share=0.5)
+    assert bn["c"] == (2 * 8000 + 0.5 * (10 + total), 10 + 10)  # prefix twice, own per level
+    assert layer_costs(NUMEL, MACS, "naive", True, 1.0)["c"] == (0, 2 * total)
 
 
 def test_split_cuts_only_costly_layers_and_sorts_largest_first():
-    costs = layer_costs(NUMEL, MACS, "fast", bn_correction=False)
+    costs = layer_costs(NUMEL, MACS, "fast", bn_correction=False, check_share=0.25)
     units = plan_units(costs, levels=41, units=8)
     assert [u.cost for u in units] == sorted((u.cost for u in units), reverse=True)
     by_layer = {name: [u for u in units if u.layer == name] for name in NUMEL}
