@@ -10,6 +10,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -104,18 +105,25 @@ def profile_curves(
     return curves
 
 
-def placement_summary(placements: Sequence[Placement]) -> dict[str, dict]:
-    """``{node id (12 hex digits): {"ip", "units", "gpu_ids", "devices", "pids"}}`` for the
-    profile metrics: which nodes, GPUs and devices the work units ran on."""
-    nodes: dict[str, dict] = {}
+def placement_summary(placements: Sequence[Placement]) -> dict[str, Any]:
+    """For the profile metrics: how many nodes and GPUs the work units ran on, and per node
+    (a list, which ``dvc metrics show`` leaves out of its columns) its id, IP, units, the GPU
+    ids Ray assigned, the devices used and the worker PIDs."""
+    nodes: dict[str, dict[str, Any]] = {}
     for p in placements:
         node = nodes.setdefault(
-            p.node_id[:12], {"ip": p.node_ip, "units": 0, "gpu_ids": [], "devices": [], "pids": []}
+            p.node_id,
+            {"node": p.node_id, "ip": p.node_ip, "units": 0, "gpu_ids": [], "devices": []},
         )
         node["units"] += 1
-        for key, values in (("gpu_ids", p.gpu_ids), ("devices", [p.device]), ("pids", [p.pid])):
-            node[key] = sorted(set(node[key]) | set(values))
-    return nodes
+        node["gpu_ids"] = sorted(set(node["gpu_ids"]) | set(p.gpu_ids))
+        node["devices"] = sorted(set(node["devices"]) | {p.device})
+        node["pids"] = sorted(set(node.get("pids", [])) | {p.pid})
+    return {
+        "nodes": len(nodes),
+        "gpus": sum(len(n["gpu_ids"]) for n in nodes.values()),
+        "placement": [nodes[k] for k in sorted(nodes)],
+    }
 
 
 def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Module) -> Problem:

@@ -32,7 +32,7 @@ def run(params: Params, paths: io.Paths) -> None:
         "levels": len(curves.sparsity),
         "seconds": round(seconds, 2),
         "units": len(placements),
-        "placement": placement_summary(placements),  # nodes, GPU ids, devices the units ran on
+        **placement_summary(placements),  # nodes, GPUs, and per node: GPU ids, devices, PIDs
     }
     io.write_metrics(paths.metrics("profile"), metrics)
     log.info(

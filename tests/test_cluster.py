@@ -224,7 +224,9 @@ def client_env(cluster: Cluster, base: Path, token: str | None = None) -> dict[s
 
 
 def placement(root: Path) -> dict[str, dict]:
-    return json.loads((root / "metrics" / "profile.json").read_text())["placement"]
+    """Per node id: where the profile's units ran, from metrics/profile.json."""
+    nodes = json.loads((root / "metrics" / "profile.json").read_text())["placement"]
+    return {n["node"]: n for n in nodes}
 
 
 def same_table(root: Path) -> bool:
@@ -239,7 +241,9 @@ def test_two_node_cluster_with_fractional_gpus(cluster, project, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_table(project)
     nodes = placement(project)
-    assert len(nodes) == 2 and {n[:12] for n in cluster.node_ids} == set(nodes)
+    assert len(nodes) == 2 and cluster.node_ids == set(nodes)
+    metrics = json.loads((project / "metrics" / "profile.json").read_text())
+    assert metrics["nodes"] == 2 and metrics["gpus"] >= 2
     for node in nodes.values():
         assert node["gpu_ids"] and set(node["gpu_ids"]) <= {"0", "1"}  # Ray's logical GPUs
         assert node["devices"] == ["cpu"]  # no CUDA here: each task fell back to the CPU
@@ -287,7 +291,7 @@ def test_null_address_never_joins_a_running_cluster(cluster, project):
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_table(project)
     ours = set(placement(project))
-    assert len(ours) == 1 and not ours & {n[:12] for n in cluster.node_ids}
+    assert len(ours) == 1 and not ours & cluster.node_ids
     assert job_count(cluster.address, cluster.token) == jobs  # the cluster saw no driver
 
 
