@@ -12,7 +12,8 @@ on a 54-layer model, and the accuracy of the unit cost model.
    units, largest first, on W workers (what Ray's FIFO queue does), with the cost model's
    costs; makespan against total work / W, for one unit per layer and for the split.
 
-Run: python benchmarks/bench_parallel.py [--quick]   (about 3 minutes on 2 cores; --quick: 1)
+Run: python benchmarks/bench_parallel.py [--quick] [--ray-only]   (about 6 minutes on 2 idle
+cores; --quick: 2)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import heapq
+import os
 import time
 
 import numpy as np
@@ -91,16 +93,16 @@ def ray_profile(workers: int, levels: int, model, inputs, reference) -> tuple[fl
 
 
 def cost_model_accuracy(timings: list[tuple]) -> str:
+    """How well estimated MACs predict measured seconds: rank correlation, and the relative
+    error after one affine fit (seconds = a * MACs + b; b: per-unit overhead)."""
     cost = np.array([u.cost for u, _ in timings])
     seconds = np.array([t for _, t in timings])
-    scale = float(cost @ seconds / (cost @ cost))  # least squares through the origin
-    rel = np.abs(scale * cost - seconds) / seconds
+    a, b = np.polyfit(cost, seconds, 1)
+    rel = np.abs(a * cost + b - seconds) / seconds
     rank = np.corrcoef(np.argsort(np.argsort(cost)), np.argsort(np.argsort(seconds)))[0, 1]
-    big = seconds >= np.median(seconds)
     return (
-        f"{len(timings)} units: Spearman rank correlation {rank:.3f}; relative error of "
-        f"predicted seconds: median {np.median(rel):.0%}, max {rel.max():.0%} "
-        f"(units above the median time: median {np.median(rel[big]):.0%}, max {rel[big].max():.0%})"
+        f"{len(timings)} units: Spearman {rank:.3f}; fitted overhead {b * 1e3:.0f} ms/unit; "
+        f"relative error median {np.median(rel):.0%}, max {rel.max():.0%}"
     )
 
 
@@ -144,6 +146,7 @@ def simulate_resnet50(levels: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="64 images, 11 levels")
+    parser.add_argument("--ray-only", action="store_true", help="only the 1 vs 2 worker timing")
     args = parser.parse_args()
     images, levels = (64, 11) if args.quick else (128, 21)
     torch.manual_seed(0)
@@ -151,16 +154,23 @@ def main() -> None:
     inputs = torch.randn(images, 3, 32, 32, generator=torch.Generator().manual_seed(1))
     reference = predict_logits(model, inputs, 128)
     print(f"CIFAR ResNet-20 (random weights), {images} images x {levels} levels, fast + BN")
-    serial_s, timings = timed_units(params_for(levels, "serial"), model, inputs, reference)
+    print(f"  load average before: {os.getloadavg()[0]:.2f} (2 cores, shared)")
+    if not args.ray_only:
+        whole_s, whole = timed_units(params_for(levels, "serial", 1), model, inputs, reference)
+        print(f"  serial, one unit a layer {whole_s:7.1f} s   {len(whole)} units")
+        serial_s, timings = timed_units(params_for(levels, "serial"), model, inputs, reference)
+        print(f"  serial, work_units 64    {serial_s:7.1f} s   {len(timings)} units")
+        print(f"  cost model, whole layers: {cost_model_accuracy(whole)}")
+        print(f"  cost model, split units:  {cost_model_accuracy(timings)}")
     serial = table_bytes(profile_curves(params_for(levels, "serial"), model, inputs, reference))
-    print(f"  serial (in process)      {serial_s:7.1f} s   {len(timings)} units")
     one_s, one = ray_profile(1, levels, model, inputs, reference)
     print(f"  Ray, 1 worker            {one_s:7.1f} s")
     two_s, two = ray_profile(2, levels, model, inputs, reference)
     print(f"  Ray, 2 workers           {two_s:7.1f} s   speed-up {one_s / two_s:.2f}x")
     print(f"  tables byte-identical (serial, 1, 2 workers): {serial == one == two}")
-    print(f"  cost model on these units: {cost_model_accuracy(timings)}")
-    simulate_resnet50(11 if args.quick else 101)
+    print(f"  load average after: {os.getloadavg()[0]:.2f}")
+    if not args.ray_only:
+        simulate_resnet50(11 if args.quick else 101)
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def probe(key: str, address: str) -> None:
 def _probe_error(where: str, exc: Any, token_source: str | None) -> PipelineError:
     import grpc
 
-    code, details = exc.code(), _first_line(Exception(exc.details() or ""))
+    code, details = exc.code(), ((exc.details() or "").strip().splitlines() or [""])[0]
     if code == grpc.StatusCode.UNAUTHENTICATED:
         if token_source is None:
             return PipelineError(
