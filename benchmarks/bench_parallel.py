@@ -106,6 +106,14 @@ def cost_model_accuracy(timings: list[tuple]) -> str:
     )
 
 
+def predicted_overhead(model, inputs, levels: int = 21, units: int = 64) -> float:
+    """Estimated work of the split over one unit per layer (fast engine, BN-corrected)."""
+    numel, macs = prunable_numel(model), macs_per_weight(model, inputs[:1])
+    costs = layer_costs(numel, macs, "fast", True, min(1.0, 32 / len(inputs)))
+    whole = sum(f + p * levels for f, p in costs.values())
+    return sum(u.cost for u in plan_units(costs, levels, units)) / whole
+
+
 def makespan(costs: list[float], workers: int) -> float:
     """Greedy list scheduling in the given order: each unit to the first free worker."""
     free = [0.0] * workers
@@ -129,8 +137,8 @@ def simulate_resnet50(levels: int) -> None:
     print(f"{'split':<22} {'units':>5} {'work':>6}  makespan / (total work / W) for W =")
     workers = [1, 2, 4, 8, 16, 32, 64, 128]
     print(f"{'':<22} {'':>5} {'':>6}  " + " ".join(f"{w:>6}" for w in workers))
-    for label, units in [("one unit per layer", 1), ("work_units 64 (default)", 64)] + [
-        (f"work_units {n}", n) for n in (256, 1024)
+    for label, units in [("one unit per layer", 1), ("work_units 16 (default)", 16)] + [
+        (f"work_units {n}", n) for n in (64, 256, 1024)
     ]:
         plan = plan_units(costs, levels, units)
         work = [u.cost for u in plan]
@@ -158,8 +166,9 @@ def main() -> None:
     if not args.ray_only:
         whole_s, whole = timed_units(params_for(levels, "serial", 1), model, inputs, reference)
         print(f"  serial, one unit a layer {whole_s:7.1f} s   {len(whole)} units")
-        serial_s, timings = timed_units(params_for(levels, "serial"), model, inputs, reference)
+        serial_s, timings = timed_units(params_for(levels, "serial", 64), model, inputs, reference)
         print(f"  serial, work_units 64    {serial_s:7.1f} s   {len(timings)} units")
+        print(f"  cost model's predicted split overhead: {predicted_overhead(model, inputs):.3f}x")
         print(f"  cost model, whole layers: {cost_model_accuracy(whole)}")
         print(f"  cost model, split units:  {cost_model_accuracy(timings)}")
     serial = table_bytes(profile_curves(params_for(levels, "serial"), model, inputs, reference))

@@ -200,7 +200,7 @@ class RayParams:
     cpus_per_task: float = 1.0  # CPUs Ray reserves for each profiling task
     gpus_per_task: float | None = None  # null: 1 when the cluster has GPUs, else 0; 0.25: 4 share
     max_retries: int = 3  # re-runs of a task whose worker process or node died
-    work_units: int = 64  # the profile is cut into about this many units (>= one per layer)
+    work_units: int = 16  # the profile is cut into about this many units (>= one per layer)
 
     def validate(self) -> None:
         from pipeline.parallel import BACKENDS, parse_address
