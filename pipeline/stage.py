@@ -44,16 +44,56 @@ from pipeline.training import EpochStats
 log = logging.getLogger("rdprune")
 
 
+SHELLS = ("sh", "bash", "dash", "zsh", "fish", "ksh")
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(command name, parent pid, start time) of a live process; None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+    return comm, int(rest[1]), int(rest[19])  # fields 4 (ppid) and 22 (starttime) of proc(5)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
 def _die_with_parent() -> None:
-    """Ask Linux to send SIGTERM when the parent (dvc) dies: a killed ``dvc repro`` must not
-    leave its stage running on as an orphan that later writes outputs."""
+    """End this stage (SIGTERM, so it unwinds) when whatever launched it dies: a killed
+    ``dvc repro`` must not leave its stage running as an orphan that later writes outputs.
+
+    DVC runs the command through ``$SHELL -c``: bash execs it, dash keeps a shell in between,
+    so the launcher is the parent, or the shell's parent. Linux's PR_SET_PDEATHSIG covers the
+    direct parent at once; a watchdog thread covers the launcher behind a shell.
+    """
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
-    if os.getppid() != parent:  # the parent died before the request was in place
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    stat = _proc_stat(parent)
+    if stat is None or os.getppid() != parent:  # gone before the request was in place
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    launcher = stat[1] if stat[0] in SHELLS else parent
+    if "DVC_STAGE" in os.environ and b"dvc" not in _cmdline(launcher):
+        # DVC started this stage, but the shell's parent is no longer DVC: it died while this
+        # process was starting (the shell was handed to init or a subreaper)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    started = (_proc_stat(launcher) or ("", 0, -1))[2]
+
+    def watch() -> None:
+        while (_proc_stat(launcher) or ("", 0, -2))[2] == started:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:

@@ -286,3 +286,16 @@ def test_every_imported_package_is_declared():
     transitive = {"pillow"}  # torchvision's own dependency, imported only through it
     missing = {aliases.get(m, m).lower() for m in third_party} - declared - transitive
     assert not missing
+
+
+def test_tracking_uri_resolution_and_project_root(tmp_path, monkeypatch):
+    queued = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    queued.mkdir(parents=True)
+    assert tracking.project_root(queued) == tmp_path / "proj"  # a queued copy logs home
+    assert tracking.project_root(tmp_path / "proj") == tmp_path / "proj"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = f"sqlite:///{tmp_path / 'proj' / 'mlflow.db'}"
+    assert tracking.resolve_tracking_uri(None, queued) == default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.resolve_tracking_uri(None, queued) == "http://mlflow.example:5000"
+    assert tracking.resolve_tracking_uri("sqlite:////x.db", queued) == "sqlite:////x.db"
