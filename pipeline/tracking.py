@@ -120,8 +120,9 @@ def log_result(
     tables: Mapping[str, Mapping[str, list[Any]]],
     artifacts: Sequence[Path],
     tags: Mapping[str, str],
-) -> tuple[str, bool]:
-    """Find or create the one run of the result ``key``; (run id, whether it was created).
+) -> tuple[str, str, bool]:
+    """Find or create the one run of the result ``key``: (run id, experiment id, whether the
+    run was created now).
 
     A finished run with this key gets ``exp_name`` added to its experiments and nothing else;
     runs of this key that never finished (interrupted, failed) are deleted, then the run is
@@ -139,10 +140,10 @@ def log_result(
         for run in runs:
             if run.info.status == "FINISHED":
                 _add_exp_name(client, run, exp_name)
-                return run.info.run_id, False
+                return run.info.run_id, experiment_id, False
         for run in runs:
             client.delete_run(run.info.run_id)
-        return _log_run(
+        run_id = _log_run(
             tracking_uri,
             experiment_id,
             run_name,
@@ -152,7 +153,8 @@ def log_result(
             tables,
             artifacts,
             {**tags, RESULT_TAG: key, EXP_NAMES_TAG: exp_name},
-        ), True
+        )
+        return run_id, experiment_id, True
 
 
 def _log_run(

@@ -19,7 +19,7 @@ from pipeline.stage import log, result_record, run_stage
 
 def run(params: Params, paths: io.Paths) -> None:
     record = result_record(params, paths)
-    run_id, created = tracking.log_result(
+    run_id, experiment_id, created = tracking.log_result(
         tracking_uri=tracking.resolve_tracking_uri(params.track.tracking_uri, paths.root),
         experiment=params.track.experiment,
         key=io.content_hash(paths.result_files()),
@@ -27,7 +27,12 @@ def run(params: Params, paths: io.Paths) -> None:
         run_name=f"{params.allocate.method} ratio={params.prune.ratio:g}",
         **record,
     )
-    log.info("track: MLflow run %s (%s)", run_id, "logged" if created else "already there")
+    log.info(
+        "track: MLflow run %s (%s); in `mlflow ui`: #/experiments/%s?workflowType=machine_learning",
+        run_id,
+        "logged" if created else "already there",
+        experiment_id,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
