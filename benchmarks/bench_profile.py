@@ -126,7 +126,7 @@ def cifar_resnet20(images: int):
     model = build_model("cifar_resnet20", 3, 10)
     load_weights(
         model,
-        normalize_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True)),
+        normalize_state_dict(torch.load(ckpt, map_location="cpu", weights_only=True), str(ckpt)),
         str(ckpt),
         "cifar_resnet20",
     )

@@ -401,9 +401,11 @@ def solve_mckp(
         raise PipelineError(f"layer {int(np.argmin(allowed.any(axis=1)))} has no allowed level")
     cheapest = _cheapest(costs, allowed).sum(axis=1)
     for m in np.flatnonzero(cheapest > budgets):
+        what = f" (budget {m + 1} of {len(budgets)})" if len(budgets) > 1 else ""
         raise PipelineError(
-            f"budget {m} of {budgets[m]} is infeasible: "
-            f"the sparsest allowed levels keep {cheapest[m]}"
+            f"keeping at most {budgets[m]}{what} is infeasible: the sparsest levels the limits "
+            f"allow keep {cheapest[m]}; allowed: a lower ratio, or looser allocate.limits / "
+            "allocate.exclude"
         )
     if len(budgets) == 1:
         return _deepening(
@@ -453,15 +455,27 @@ class Allocation:
             out["gap"] = max(gap, 0.0)  # summation order can leave -1e-16
         return out
 
-    def check_matches(self, numel: dict[str, int], source: str) -> None:
+    def check_matches(self, numel: Mapping[str, int], source: str) -> None:
         """Raise unless the allocation covers exactly these layers with these sizes."""
-        own = dict(zip(self.layers, (int(n) for n in self.numel), strict=True))
-        if own != numel:
-            differ = sorted(set(own.items()) ^ set(numel.items()))
-            raise PipelineError(
-                f"{source} was made for a different model than the checkpoint "
-                f"(first differing layer: {differ[0][0]!r}); re-run the profile stage"
-            )
+        check_same_layers(self.layers, self.numel, numel, source)
+
+
+def check_same_layers(
+    layers: Sequence[str], numel: Sequence[int], expected: Mapping[str, int], source: str
+) -> None:
+    """Raise unless ``source`` (a table of ``layers`` with ``numel`` weights each) covers
+    exactly the layers of ``expected`` (the model's ``{name: weights}``), in the same order."""
+    theirs = dict(zip(layers, (int(n) for n in numel), strict=True))
+    if list(theirs.items()) != list(expected.items()):
+        first = next(
+            (n for n in [*expected, *theirs] if expected.get(n) != theirs.get(n)),
+            next(iter(theirs), ""),
+        )
+        raise PipelineError(
+            f"{source} was made for a different model than the checkpoint (first differing "
+            f"layer: {first!r}: {theirs.get(first)} vs {expected.get(first)} weights); re-run "
+            "the profile stage"
+        )
 
 
 def _rd(problem: Problem) -> tuple[np.ndarray, float]:
@@ -638,10 +652,17 @@ def allocate(method: str, problem: Problem) -> Allocation:
 
 def pareto_front(
     method: str, problem: Problem, ratios: Sequence[float]
-) -> list[tuple[float, Allocation]]:
-    """Allocations for every ratio of the sweep; the sweep replaces the first target's ratio."""
+) -> tuple[list[tuple[float, Allocation]], list[float]]:
+    """(front, infeasible): allocations for the ratios of the sweep that can be met, and the
+    ratios that cannot (limits or exclusions keep too much). The sweep replaces the first
+    target's ratio."""
     primary = next(iter(problem.targets))
-    return [
-        (r, allocate(method, replace(problem, targets={**problem.targets, primary: r})))
-        for r in ratios
-    ]
+    front, infeasible = [], []
+    for r in ratios:
+        try:
+            front.append(
+                (r, allocate(method, replace(problem, targets={**problem.targets, primary: r})))
+            )
+        except PipelineError:
+            infeasible.append(r)
+    return front, infeasible

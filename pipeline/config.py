@@ -99,7 +99,8 @@ class TrainParams:
 
 @dataclass(frozen=True)
 class CalibrateParams:
-    size: int = 256  # calibration images drawn (seeded) from the training split
+    # Not `size`: DVC's run-cache key drops every param named `size` or `nfiles`.
+    samples: int = 256  # calibration images drawn (seeded) from the training split
     batch_size: int = 256
     source: str = "data"  # data: training images; synthetic: standard-normal inputs (zero-data)
 
@@ -107,7 +108,7 @@ class CalibrateParams:
         from pipeline.data import CALIBRATION_SOURCES
 
         _check_choice("calibrate.source", self.source, CALIBRATION_SOURCES)
-        _check_positive("calibrate.size", self.size)
+        _check_positive("calibrate.samples", self.samples)
         _check_positive("calibrate.batch_size", self.batch_size)
 
 
@@ -118,7 +119,7 @@ class ProfileParams:
     threads: int = 1  # torch threads per profiling task; fixed so every backend gives equal bytes
     engine: str = "fast"  # fast: suffix-only recomputation; naive: a full forward per level
     memory_mb: int = 64  # bound on one batched multi-level pass of the fast engine (GPU: raise)
-    bn_correction: bool = False  # re-estimate the consuming BatchNorm's statistics per level
+    bn_correction: bool = True  # per level, set the consuming BatchNorm by the prune stage's rule
 
     def validate(self) -> None:
         from pipeline.distortion import ENGINES
@@ -180,7 +181,7 @@ class AllocateParams:
 @dataclass(frozen=True)
 class PruneParams:
     ratio: float = 0.8  # fraction of all prunable weights removed
-    bn_recalibration: int = 0  # training images to re-estimate BatchNorm statistics on; 0: off
+    bn_recalibration: int = 512  # training images to re-estimate BatchNorm statistics on; 0: off
     bn_recalibration_mode: str = "relative"  # BN_RULES: relative (to the dense model) | absolute
 
     def validate(self) -> None:
@@ -190,6 +191,11 @@ class PruneParams:
         _check_choice("prune.bn_recalibration_mode", self.bn_recalibration_mode, BN_RULES)
         if self.bn_recalibration < 0:
             raise _fail("prune.bn_recalibration", self.bn_recalibration, "an integer >= 0 (0: off)")
+
+    @property
+    def bn_rule(self) -> str | None:
+        """The ``BN_RULES`` name the prune stage recalibrates BatchNorm by; None: it does not."""
+        return self.bn_recalibration_mode if self.bn_recalibration else None
 
 
 @dataclass(frozen=True)
@@ -231,13 +237,15 @@ class RayParams:
 
 
 @dataclass(frozen=True)
-class MlflowParams:
+class TrackParams:
+    """The MLflow store the `track` stage logs each pipeline result to."""
+
     tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite at the project root
     experiment: str = "rdprune"
 
     def validate(self) -> None:
         if not self.experiment:
-            raise _fail("mlflow.experiment", self.experiment, "a non-empty name")
+            raise _fail("track.experiment", self.experiment, "a non-empty name")
 
 
 @dataclass(frozen=True)
@@ -252,7 +260,7 @@ class Params:
     prune: PruneParams = field(default_factory=PruneParams)
     finetune: TrainParams = field(default_factory=lambda: TrainParams(epochs=10, lr=0.01))
     ray: RayParams = field(default_factory=RayParams)
-    mlflow: MlflowParams = field(default_factory=MlflowParams)
+    track: TrackParams = field(default_factory=TrackParams)
 
     def validate(self) -> None:
         for f in dataclasses.fields(self):
@@ -261,6 +269,18 @@ class Params:
                 section.validate(f.name)
             elif dataclasses.is_dataclass(section):
                 section.validate()
+        if self.profile.bn_correction and self.prune.bn_rule is None:
+            raise _fail(
+                "profile.bn_correction",
+                True,
+                "false when prune.bn_recalibration is 0 (the curves model the prune stage's "
+                "BatchNorm recalibration)",
+            )
+
+    @property
+    def curve_bn_rule(self) -> str | None:
+        """The ``BN_RULES`` name the profiled curves correct the consuming BatchNorm by."""
+        return self.prune.bn_rule if self.profile.bn_correction else None
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:
@@ -320,9 +340,36 @@ def load_params(mapping: Mapping[str, Any] | None) -> Params:
         mapping = {}
     if not isinstance(mapping, Mapping):
         raise PipelineError("params.yaml must hold a mapping of sections; see README 'Params'")
+    for key in param_keys(mapping):
+        if key.rpartition(".")[2] in DVC_UNTRACKED_NAMES:
+            raise PipelineError(
+                f"param {key} has a name DVC's run-cache ignores; allowed: any name but "
+                f"{', '.join(DVC_UNTRACKED_NAMES)}"
+            )
     params = _build(Params, mapping, "", Params())
     params.validate()
     return params
+
+
+def defaults() -> dict[str, Any]:
+    """Every param under its params.yaml section with its default: the one home of defaults
+    (params.yaml must equal it; tests check that)."""
+    return dataclasses.asdict(Params())
+
+
+# DVC's run-cache key drops params with these names at any depth (dvc/stage/cache.py), so a
+# change to one would be restored from the cache as if it had not happened.
+DVC_UNTRACKED_NAMES = ("size", "nfiles")
+
+
+def param_keys(mapping: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Every dotted key of a nested params mapping, at every depth."""
+    keys = []
+    for name, value in mapping.items():
+        keys.append(f"{prefix}{name}")
+        if isinstance(value, Mapping):
+            keys += param_keys(value, f"{prefix}{name}.")
+    return keys
 
 
 def flatten(params: Params) -> dict[str, Any]:

@@ -195,13 +195,16 @@ def synthetic_inputs(like: torch.Tensor, size: int, seed: int) -> torch.Tensor:
     return torch.randn(size, *like.shape, generator=torch.Generator().manual_seed(seed))
 
 
-def calibration_subset(dataset: Dataset, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Seeded sample of ``size`` distinct items: inputs (size, C, H, W) float32, labels (size,)."""
+def calibration_subset(
+    dataset: Dataset, size: int, seed: int, key: str = "calibrate.samples"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded sample of ``size`` distinct items: inputs (size, C, H, W) float32, labels (size,).
+
+    ``key`` names the param that asked for ``size`` items, for the error when there are fewer.
+    """
     n = len(dataset)  # type: ignore[arg-type]
     if size > n:
-        raise PipelineError(
-            f"calibrate.size = {size} exceeds the {n} training images; allowed: 1..{n}"
-        )
+        raise PipelineError(f"{key} = {size} exceeds the {n} training images; allowed: 1..{n}")
     indices = np.random.default_rng(seed).choice(n, size=size, replace=False)
     items = [dataset[int(i)] for i in indices]
     inputs = torch.stack([x for x, _ in items]).to(torch.float32)

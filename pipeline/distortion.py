@@ -76,7 +76,7 @@ class DistortionCurves:
         return {"mean": self.mean, "max": self.max}[kind]
 
     def check(self) -> None:
-        """Raise if any value is NaN/inf or shapes disagree."""
+        """Raise if any value is NaN/inf or negative (a squared error), or shapes disagree."""
         shape = (len(self.layers), len(self.sparsity))
         if (
             self.mean.shape != shape
@@ -86,11 +86,13 @@ class DistortionCurves:
         ):
             raise PipelineError(f"distortion table is not a full layer x level grid {shape}")
         for name, values in (("distortion", self.mean), ("distortion_max", self.max)):
-            if not np.isfinite(values).all():
-                layer, level = np.argwhere(~np.isfinite(values))[0]
+            bad = ~np.isfinite(values) | (values < 0)
+            if bad.any():
+                layer, level = np.argwhere(bad)[0]
                 raise PipelineError(
                     f"distortion table: {name} of layer {self.layers[layer]!r} at level {level} "
-                    "is NaN or inf; allowed: finite values (re-run the profile stage)"
+                    f"is {values[layer, level]}; allowed: finite values >= 0 (re-run the "
+                    "profile stage)"
                 )
 
 

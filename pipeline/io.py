@@ -8,6 +8,7 @@ skips unchanged downstream work.
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
@@ -74,6 +75,30 @@ class Paths:
 
     def plot(self, name: str) -> Path:
         return self.root / "plots" / f"{name}.csv"
+
+    def figure(self, name: str) -> Path:
+        return self.root / "plots" / f"{name}.png"
+
+    @property
+    def defaults(self) -> Path:
+        return self.root / "artifacts" / "params_defaults.json"
+
+    FIGURES = ("distortion_curves", "allocation", "pareto", "joint_distortion")
+
+    def figures(self) -> list[Path]:
+        return [self.figure(name) for name in self.FIGURES]
+
+    def result_files(self) -> list[Path]:
+        """The files that make one pipeline result: its MLflow run is keyed by their bytes."""
+        return [
+            self.finetuned,
+            self.allocation,
+            *(self.metrics(s) for s in ("calibrate", "allocate", "prune", "finetune")),
+        ]
+
+    def timing(self, stage: str) -> Path:
+        """Wall time of a stage's last run: no DVC output, so no stage's cache key holds it."""
+        return self.root / "timings" / f"{stage}.json"
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -170,6 +195,35 @@ def read_metrics(path: Path) -> dict[str, Any]:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         raise PipelineError(f"metrics file {path} is not valid JSON") from None
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path} not found; run the stage that writes it")
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_figure(path: Path, figure: Any) -> None:
+    """A matplotlib figure as PNG, byte-deterministic (no software or date metadata)."""
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=100, metadata={"Software": None})
+    plt.close(figure)
+    write_bytes_atomic(path, buffer.getvalue())
+
+
+def content_hash(paths: Sequence[Path]) -> str:
+    """sha256 over the files' names and bytes: the identity of a result."""
+    digest = hashlib.sha256()
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise PipelineError(f"{path} not found; run the stage that writes it")
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
 
 
 def write_csv(path: Path, header: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
@@ -358,11 +412,14 @@ def write_pareto(
     path: Path, front: Sequence[tuple[float, Allocation]], extra: Mapping[str, str]
 ) -> None:
     """One row per (ratio, layer)."""
+    if not front:  # every swept ratio was infeasible: an empty table of the right schema
+        _write_table(path, {f.name: [] for f in PARETO_SCHEMA}, PARETO_SCHEMA, extra)
+        return
     parts = [_allocation_columns(a) for _, a in front]
     columns: dict[str, Any] = {
         "ratio": np.concatenate([np.full(len(a.layers), r) for r, a in front])
     }
-    for name in parts[0] if parts else []:
+    for name in parts[0]:
         columns[name] = np.concatenate(
             [np.asarray(p[name], dtype=object if name == "layer" else None) for p in parts]
         )

@@ -156,8 +156,17 @@ def _user_factory(spec: str) -> ModelFactory:
         raise PipelineError(
             f"model.arch = {spec!r} cannot be imported ({exc}); allowed: package.module:factory"
         ) from None
-    accepted = set(inspect.signature(factory).parameters)
-    if any(p.kind is p.VAR_KEYWORD for p in inspect.signature(factory).parameters.values()):
+    if not callable(factory):
+        raise PipelineError(
+            f"model.arch = {spec!r} names a {type(factory).__name__}, not a callable; allowed: "
+            "package.module:factory returning an nn.Module"
+        )
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):  # builtins without one: pass nothing by keyword
+        signature = inspect.Signature()
+    accepted = set(signature.parameters)
+    if any(p.kind is p.VAR_KEYWORD for p in signature.parameters.values()):
         accepted.add("num_classes")  # the convention of torchvision-style factories
 
     def build(in_channels: int, num_classes: int) -> nn.Module:
@@ -197,12 +206,16 @@ def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
     return resolve_model(arch)(in_channels, num_classes).eval()
 
 
-def normalize_state_dict(obj: object) -> dict[str, torch.Tensor]:
-    """Accept a plain state_dict or ``{"state_dict": ...}``; strip DataParallel's ``module.``."""
+def normalize_state_dict(obj: object, source: str) -> dict[str, torch.Tensor]:
+    """Accept a plain state_dict or ``{"state_dict": ...}``; strip DataParallel's ``module.``.
+
+    source: the file the object came from, named in the error."""
     if isinstance(obj, Mapping) and "state_dict" in obj and isinstance(obj["state_dict"], Mapping):
         obj = obj["state_dict"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise PipelineError("checkpoint does not hold a state_dict (a mapping of name -> tensor)")
+        raise PipelineError(
+            f"checkpoint {source} does not hold a state_dict (a mapping of name -> tensor)"
+        )
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 

@@ -5,9 +5,14 @@ sent to the tracking store."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import ctypes
 import logging
 import os
+import signal
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -16,7 +21,14 @@ import torch
 from torch import nn
 
 from pipeline import io
-from pipeline.allocation import Allocation, Problem, allocate, layer_bounds
+from pipeline.allocation import (
+    ALLOCATORS,
+    Allocation,
+    Problem,
+    allocate,
+    check_same_layers,
+    layer_bounds,
+)
 from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
 from pipeline.distortion import DistortionCurves, sparsity_grid
@@ -33,18 +45,86 @@ from pipeline.workunits import assemble, layer_costs, plan_units, profile_unit
 log = logging.getLogger("rdprune")
 
 
+SHELLS = ("sh", "bash", "dash", "zsh", "fish", "ksh")
+
+
+def _proc_stat(pid: int) -> tuple[str, int, int] | None:
+    """(command name, parent pid, start time) of a live process; None when it is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    comm, rest = text[text.index("(") + 1 : text.rindex(")")], text[text.rindex(")") + 2 :].split()
+    return comm, int(rest[1]), int(rest[19])  # fields 4 (ppid) and 22 (starttime) of proc(5)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _die_with_parent() -> None:
+    """End this stage (SIGTERM, so it unwinds) when whatever launched it dies: a killed
+    ``dvc repro`` must not leave its stage running as an orphan that later writes outputs.
+
+    DVC runs the command through ``$SHELL -c``: bash execs it, dash keeps a shell in between,
+    so the launcher is the parent, or the shell's parent. Linux's PR_SET_PDEATHSIG covers the
+    direct parent at once; a watchdog thread covers the launcher behind a shell.
+    """
+    if not sys.platform.startswith("linux"):
+        return
+    parent = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG
+    stat = _proc_stat(parent)
+    if stat is None or os.getppid() != parent:  # gone before the request was in place
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    launcher = stat[1] if stat[0] in SHELLS else parent
+    if "DVC_STAGE" in os.environ and b"dvc" not in _cmdline(launcher):
+        # DVC started this stage, but the shell's parent is no longer DVC: it died while this
+        # process was starting (the shell was handed to init or a subreaper)
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    started = (_proc_stat(launcher) or ("", 0, -1))[2]
+
+    def watch() -> None:
+        while (_proc_stat(launcher) or ("", 0, -2))[2] == started:
+            time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="die-with-parent", daemon=True).start()
+
+
+def _raise_on_sigterm(signum: int, frame: object) -> None:
+    # SystemExit unwinds like Ctrl-C: atomic writes drop their temporary files, Ray shuts down
+    raise SystemExit(128 + signum)
+
+
 def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | None = None) -> int:
     """Parse ``--root``, read params.yaml there, run ``body``; a PipelineError becomes one
-    ``error: ...`` line on stderr and exit status 2."""
+    ``error: ...`` line on stderr and exit status 2. The wall time goes to a timings file
+    that no stage depends on, so that it never changes what DVC considers stale."""
     parser = argparse.ArgumentParser()
     parser.add_argument("--root", default=".", help="project root holding params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr
     )
+    name = body.__module__.rpartition(".")[2]
+    if name == "__main__":  # run as ``python -m stages.<name>``
+        name = sys.modules["__main__"].__spec__.name.rpartition(".")[2]
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    if argv is None:  # a process of its own, not a call from a test
+        _die_with_parent()
     try:
         paths = io.Paths(Path(args.root))
-        body(io.read_params(paths.params), paths)
+        params = io.read_params(paths.params)
+        start = time.perf_counter()
+        body(params, paths)
+        io.write_metrics(paths.timing(name), {"seconds": round(time.perf_counter() - start, 3)})
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -56,7 +136,7 @@ def load_model(
 ) -> nn.Module:
     """The registry's ``model.arch`` with the weights of checkpoint ``path``, in eval mode."""
     model = build_model(params.model.arch, in_channels, num_classes)
-    state = normalize_state_dict(io.read_checkpoint(path, what))
+    state = normalize_state_dict(io.read_checkpoint(path, what), str(path))
     load_weights(model, state, str(path), params.model.arch)
     return model.eval()
 
@@ -79,7 +159,7 @@ def profile_curves(
     macs = macs_per_weight(model, inputs[:1])
     levels = params.profile.levels
     grid = sparsity_grid(levels)
-    bn_mode = params.prune.bn_recalibration_mode if params.profile.bn_correction else None
+    bn_mode = params.curve_bn_rule
     check_share = min(1.0, params.profile.batch_size / len(inputs))
     costs = layer_costs(numel, macs, params.profile.engine, bn_mode is not None, check_share)
     units = plan_units(costs, levels, params.ray.work_units)
@@ -128,6 +208,7 @@ def placement_summary(placements: Sequence[Placement]) -> dict[str, Any]:
 
 def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Module) -> Problem:
     """The allocation problem the params pose on these curves and this dense model."""
+    check_same_layers(curves.layers, curves.numel, prunable_numel(model), "the distortion table")
     weights = {name: m.weight.detach() for name, m in prunable_layers(model)}
     lo, hi = layer_bounds(curves.layers, params.allocate.limits, params.allocate.exclude)
     return Problem(
@@ -148,7 +229,7 @@ def choose_allocation(
     one-shot ``allocate.method``; ``allocate.steps`` > 1: progressive, re-profiling the
     partially pruned model against its own outputs; ``allocate.candidates``: the method and
     the candidates compete by measured joint distortion on the calibration set."""
-    method, allocate_params = params.allocate.method, params.allocate
+    method, allocate_params, rule = params.allocate.method, params.allocate, params.prune.bn_rule
     if allocate_params.steps == 1 and not allocate_params.candidates:
         return method, allocate(method, problem), {}
     inputs, _, reference = io.read_calibration(paths.calibration)
@@ -160,51 +241,64 @@ def choose_allocation(
             method,
             allocate_params.steps,
             reprofile=lambda m: profile_curves(params, m, inputs, predict_logits(m, inputs, batch)),
-            recalibrate=lambda m: recalibrate_bn(
-                m, model, inputs, batch, params.prune.bn_recalibration_mode
-            ),
+            recalibrate=None
+            if rule is None
+            else lambda m: recalibrate_bn(m, model, inputs, batch, rule),
         )
         return method, allocation, {}
     names = list(dict.fromkeys([method, *allocate_params.candidates]))
     allocations = {name: allocate(name, problem) for name in names}
-    mode = params.prune.bn_recalibration_mode if params.prune.bn_recalibration else None
-    chosen, measured = select_measured(model, allocations, inputs, reference, batch, mode)
+    chosen, measured = select_measured(model, allocations, inputs, reference, batch, rule)
     return chosen, allocations[chosen], measured
 
 
-def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> str:
-    """Send one pipeline result (all params, headline metrics, curves, allocation) to MLflow."""
-    from pipeline import tracking
-    from pipeline.plots import allocation_figure, finetune_figure
+def other_methods(problem: Problem, chosen: str) -> dict[str, Allocation]:
+    """Every other registered method's allocation of the same problem, for comparison; those
+    that cannot meet it (e.g. uniform under tight limits) are left out."""
+    out = {}
+    for name in ALLOCATORS:
+        if name != chosen:
+            with contextlib.suppress(PipelineError):
+                out[name] = allocate(name, problem)
+    return out
 
-    calibrate, allocate = (
-        io.read_metrics(paths.metrics("calibrate")),
-        io.read_metrics(paths.metrics("allocate")),
-    )
-    prune, finetune = (
-        io.read_metrics(paths.metrics("prune")),
-        io.read_metrics(paths.metrics("finetune")),
+
+def log_epoch(stage: str) -> Callable[[EpochStats], None]:
+    """An ``on_epoch`` callback that logs each training epoch as it ends."""
+
+    def report(stats: EpochStats) -> None:
+        log.info(
+            "%s epoch %d: loss %.4f, test accuracy %.4f",
+            stage,
+            stats.epoch,
+            stats.loss,
+            stats.accuracy if stats.accuracy is not None else float("nan"),
+        )
+
+    return report
+
+
+STAGES = ("validate", "baseline", "calibrate", "profile", "allocate", "prune", "finetune", "track")
+
+
+def result_record(params: Params, paths: io.Paths) -> dict[str, Any]:
+    """What the MLflow run of a pipeline result holds: every param, the headline metrics (the
+    ratio too, so the UI charts accuracy against it), the fine-tuning curve as steps, the
+    allocation as a table, the figures and tables as artifacts, and the stages' wall times."""
+    calibrate, allocate, prune, finetune = (
+        io.read_metrics(paths.metrics(s)) for s in ("calibrate", "allocate", "prune", "finetune")
     )
     allocation = io.read_allocation(paths.allocation)
-    table = {
-        "layer": allocation.layers,
-        "numel": allocation.numel.tolist(),
-        "sparsity": allocation.sparsity.tolist(),
-        "kept": allocation.kept.tolist(),
-        "predicted_distortion": allocation.predicted_distortion.tolist(),
+    history = io.read_csv(paths.plot("finetune"))
+    timings = {
+        f"seconds.{s}": io.read_metrics(paths.timing(s))["seconds"]
+        for s in STAGES
+        if paths.timing(s).is_file()
     }
-    epochs = [h.epoch for h in history]
-    figures = {"allocation.png": allocation_figure(allocation, params.prune.ratio)}
-    if history:
-        figures["finetune.png"] = finetune_figure(
-            epochs, [h.loss for h in history], [h.accuracy for h in history]
-        )
-    return tracking.log_pipeline_run(
-        tracking_uri=tracking.resolve_tracking_uri(params.mlflow.tracking_uri, paths.root),
-        experiment=params.mlflow.experiment,
-        run_name=f"{params.allocate.method} ratio={params.prune.ratio:g}",
-        params=flatten(params),
-        metrics={
+    return {
+        "params": flatten(params),
+        "metrics": {
+            "ratio": params.prune.ratio,
             "dense_accuracy": calibrate["dense_accuracy"],
             "prune_accuracy": prune["accuracy"],
             "finetune_accuracy": finetune["accuracy"],
@@ -212,13 +306,21 @@ def log_result(params: Params, paths: io.Paths, history: list[EpochStats]) -> st
             "flops_reduction": prune["flops_reduction"],
             "predicted_distortion": allocate["predicted_distortion"],
             "measured_distortion": prune["measured_distortion"],
+            **timings,
         },
-        steps={
-            "finetune_epoch_loss": [(h.epoch, h.loss) for h in history],
-            "finetune_epoch_accuracy": [(h.epoch, h.accuracy) for h in history],
+        "steps": {
+            "finetune_epoch_loss": [(int(h["epoch"]), float(h["loss"])) for h in history],
+            "finetune_epoch_accuracy": [(int(h["epoch"]), float(h["accuracy"])) for h in history],
         },
-        tables={"allocation.json": table},
-        figures=figures,
-        artifacts=[paths.allocation, paths.pareto],
-        tags={"dvc.exp_name": os.environ.get("DVC_EXP_NAME", ""), "rdprune.stage": "finetune"},
-    )
+        "tables": {
+            "allocation.json": {
+                "layer": allocation.layers,
+                "numel": allocation.numel.tolist(),
+                "sparsity": allocation.sparsity.tolist(),
+                "kept": allocation.kept.tolist(),
+                "predicted_distortion": allocation.predicted_distortion.tolist(),
+            }
+        },
+        "artifacts": [paths.allocation, paths.pareto, *paths.figures()],
+        "tags": {"rdprune.stage": "track"},
+    }

@@ -1,9 +1,9 @@
 """Experiment tracking: the only module that imports mlflow (imported lazily: it costs ~3 s).
 
-One MLflow run per pipeline result. The store defaults to ``sqlite:///<project root>/mlflow.db``
-given as an absolute URI, where the project root is found even from inside a DVC queued
-experiment's temporary copy (``<root>/.dvc/tmp/exps/...``), so every experiment logs into the
-same store.
+One MLflow run per pipeline result, found again by a content hash of the result's outputs.
+The store defaults to ``sqlite:///<project root>/mlflow.db`` given as an absolute URI, where the
+project root is found even from inside a DVC queued experiment's temporary copy
+(``<root>/.dvc/tmp/exps/...``), so every experiment logs into the same store.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -59,35 +60,121 @@ def _artifact_location(uri: str) -> str | None:
     return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
 
 
-def log_pipeline_run(
+# MLflow 3's UI opens an experiment on its GenAI overview unless told it holds model training.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+RESULT_TAG = "rdprune.result"  # content hash of the outputs a run records (one run per result)
+EXP_NAMES_TAG = "dvc.exp_names"  # comma-separated DVC experiments that produced the result
+
+
+def check_store(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, before any expensive work, when the store cannot be used.
+
+    sqlite: its directory must exist or be creatable, and be writable; http(s): the server
+    must answer its ``/health`` endpoint. Raises ``OSError`` with the reason.
+    """
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri.removeprefix("sqlite:///")).parent
+        existing = next(p for p in (folder, *folder.parents) if p.exists())
+        try:  # a real write: permission bits say nothing of /proc or read-only mounts
+            with tempfile.TemporaryFile(dir=existing):
+                pass
+        except OSError as exc:
+            raise OSError(f"cannot write in {existing} ({exc.strerror or exc})") from None
+    elif uri.startswith(("http://", "https://")):
+        import urllib.request
+
+        url = uri.rstrip("/") + "/health"
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
+            if response.status != 200:
+                raise OSError(f"{url} answered HTTP {response.status}")
+
+
+def _experiment_id(client: Any, uri: str, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return client.create_experiment(
+            experiment, artifact_location=_artifact_location(uri), tags=EXPERIMENT_KIND
+        )
+    if found.tags.get("mlflow.experimentKind") is None:  # made by an older version
+        for key, value in EXPERIMENT_KIND.items():
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def _add_exp_name(client: Any, run: Any, exp_name: str) -> None:
+    names = {n for n in run.data.tags.get(EXP_NAMES_TAG, "").split(",") if n}
+    if exp_name and exp_name not in names:
+        client.set_tag(run.info.run_id, EXP_NAMES_TAG, ",".join(sorted(names | {exp_name})))
+
+
+def log_result(
     *,
     tracking_uri: str,
     experiment: str,
+    key: str,
+    exp_name: str,
     run_name: str,
     params: Mapping[str, Any],
     metrics: Mapping[str, float],
     steps: Mapping[str, Sequence[tuple[int, float]]],
     tables: Mapping[str, Mapping[str, list[Any]]],
-    figures: Mapping[str, Any],
+    artifacts: Sequence[Path],
+    tags: Mapping[str, str],
+) -> tuple[str, str, bool]:
+    """Find or create the one run of the result ``key``: (run id, experiment id, whether the
+    run was created now).
+
+    A finished run with this key gets ``exp_name`` added to its experiments and nothing else;
+    runs of this key that never finished (interrupted, failed) are deleted, then the run is
+    logged anew. params: dotted params.yaml keys; metrics: final values; steps: metric ->
+    [(step, value)]; tables: artifact file -> column dict (the UI's table view); artifacts:
+    files copied as they are (figures as PNG).
+    """
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
+    # one process at a time finds-or-creates (sqlite stores; a server serialises itself)
+    with _store_lock(tracking_uri):
+        experiment_id = _experiment_id(client, tracking_uri, experiment)
+        runs = client.search_runs([experiment_id], f"tags.`{RESULT_TAG}` = '{key}'")
+        for run in runs:
+            if run.info.status == "FINISHED":
+                _add_exp_name(client, run, exp_name)
+                return run.info.run_id, experiment_id, False
+        for run in runs:
+            client.delete_run(run.info.run_id)
+        run_id = _log_run(
+            tracking_uri,
+            experiment_id,
+            run_name,
+            params,
+            metrics,
+            steps,
+            tables,
+            artifacts,
+            {**tags, RESULT_TAG: key, EXP_NAMES_TAG: exp_name},
+        )
+        return run_id, experiment_id, True
+
+
+def _log_run(
+    tracking_uri: str,
+    experiment_id: str,
+    run_name: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    steps: Mapping[str, Sequence[tuple[int, float]]],
+    tables: Mapping[str, Mapping[str, list[Any]]],
     artifacts: Sequence[Path],
     tags: Mapping[str, str],
 ) -> str:
-    """Log one run and return its id.
-
-    params: dotted params.yaml keys; metrics: final values; steps: metric -> [(step, value)];
-    tables: artifact file -> column dict (shown in the UI's table view); figures: artifact file
-    -> matplotlib figure; artifacts: files copied as they are.
-    """
     import mlflow
     from mlflow.entities import Metric, Param
 
+    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
-    with _store_lock(tracking_uri):
-        if mlflow.get_experiment_by_name(experiment) is None:
-            mlflow.create_experiment(experiment, artifact_location=_artifact_location(tracking_uri))
-        mlflow.set_experiment(experiment)
-    with mlflow.start_run(run_name=run_name, tags=dict(tags)) as run:
-        client = mlflow.MlflowClient()
+    # on any exception, KeyboardInterrupt included, the run ends FAILED and a rerun replaces it
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
         client.log_batch(
             run.info.run_id,
             params=[Param(k, str(v)) for k, v in params.items()],
@@ -96,8 +183,6 @@ def log_pipeline_run(
         )
         for name, table in tables.items():
             mlflow.log_table(data=dict(table), artifact_file=name)
-        for name, figure in figures.items():
-            mlflow.log_figure(figure, name)
         for path in artifacts:
             mlflow.log_artifact(str(path))
         return run.info.run_id

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from pipeline.config import TrainParams
 
@@ -35,12 +36,15 @@ def train(
     seed: int,
     masks: dict[str, torch.Tensor] | None = None,
     evaluate: Callable[[nn.Module], float] | None = None,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+    desc: str = "train",
 ) -> list[EpochStats]:
     """SGD with momentum, weight decay and cosine learning-rate decay; returns per-epoch stats.
 
     With ``masks`` (layer name -> bool mask, True = keep) the pruned weights stay exactly zero:
     their gradients are zeroed before each step, so momentum buffers and weight decay never
-    move them, and the weights are re-masked after each step.
+    move them, and the weights are re-masked after each step. Progress shows live: a bar over
+    each epoch's batches (``desc``), and ``on_epoch`` receives each epoch's stats as it ends.
     """
     torch.manual_seed(seed)
     loader = DataLoader(
@@ -59,7 +63,9 @@ def train(
     for epoch in range(1, params.epochs + 1):
         model.train()
         total, count = 0.0, 0
-        for x, y in loader:
+        for x, y in tqdm(
+            loader, desc=f"{desc} epoch {epoch}/{params.epochs}", leave=False, mininterval=1.0
+        ):
             optimizer.zero_grad(set_to_none=False)
             loss = loss_fn(model(x), y)
             loss.backward()
@@ -75,5 +81,7 @@ def train(
         scheduler.step()
         model.eval()
         history.append(EpochStats(epoch, total / count, evaluate(model) if evaluate else None))
+        if on_epoch is not None:
+            on_epoch(history[-1])
     model.eval()
     return history

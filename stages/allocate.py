@@ -4,32 +4,36 @@ Pareto front over a sweep of ratios."""
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 
 from pipeline import io
 from pipeline.allocation import pareto_front
 from pipeline.config import Params
 from pipeline.layers import prunable_numel
-from pipeline.stage import allocation_problem, choose_allocation, load_model, log, run_stage
+from pipeline.plots import allocations_figure, pareto_figure
+from pipeline.stage import (
+    allocation_problem,
+    choose_allocation,
+    load_model,
+    log,
+    other_methods,
+    run_stage,
+)
 
 
 def run(params: Params, paths: io.Paths) -> None:
     curves = io.read_distortion(paths.distortion)
     meta = io.read_table_metadata(paths.distortion)
-    model = load_model(
-        params,
-        paths.baseline,
-        int(meta["rdprune.in_channels"]),
-        int(meta["rdprune.num_classes"]),
-        "baseline checkpoint",
-    )
+    channels, classes = int(meta["rdprune.in_channels"]), int(meta["rdprune.num_classes"])
+    model = load_model(params, paths.baseline, channels, classes, "baseline checkpoint")
     problem = allocation_problem(params, curves, model)
-    start = time.perf_counter()
     chosen, allocation, measured = choose_allocation(params, paths, model, problem)
-    seconds = time.perf_counter() - start
     allocation.check_matches(prunable_numel(model), str(paths.distortion))
-    front = pareto_front(params.allocate.method, problem, params.allocate.pareto_ratios)
+    front, infeasible = pareto_front(params.allocate.method, problem, params.allocate.pareto_ratios)
+    if infeasible:  # the sweep is a view; the limits the user set decide what can be met
+        log.warning(
+            "allocate: Pareto ratios %s cannot be met under the limits; skipped", infeasible
+        )
     extra = {
         "rdprune.method": params.allocate.method,
         "rdprune.ratio": repr(params.prune.ratio),
@@ -54,27 +58,28 @@ def run(params: Params, paths: io.Paths) -> None:
         ),
     )
     columns = ["sparsity", "flops_reduction", "predicted_distortion"]
-    io.write_csv(
-        paths.plot("pareto"),
-        ["ratio", *columns],
-        [(r, *(a.summary()[c] for c in columns)) for r, a in front],
+    rows = [(r, *(a.summary()[c] for c in columns)) for r, a in front]
+    io.write_csv(paths.plot("pareto"), ["ratio", *columns], rows)
+    compared = {chosen: allocation, **other_methods(problem, chosen)}
+    io.write_figure(paths.figure("allocation"), allocations_figure(compared, params.prune.ratio))
+    io.write_figure(
+        paths.figure("pareto"),
+        pareto_figure([r[0] for r in rows], [r[3] for r in rows], params.prune.ratio),
     )
     metrics = {
         **{f"measured_distortion.{name}": value for name, value in measured.items()},
         **allocation.summary(),
         "ratio": params.prune.ratio,
-        "solve_seconds": round(seconds, 3),
+        "pareto_infeasible": infeasible,
     }
     io.write_metrics(paths.metrics("allocate"), metrics)
     log.info(
-        "allocate (%s, %s budget): sparsity %.4f, MACs removed %.4f, predicted distortion %.6g "
-        "in %.3f s",
+        "allocate (%s, %s budget): sparsity %.4f, MACs removed %.4f, predicted distortion %.6g",
         params.allocate.method,
         params.allocate.budget,
         metrics["sparsity"],
         metrics["flops_reduction"],
         metrics["predicted_distortion"],
-        seconds,
     )
 
 

@@ -12,7 +12,7 @@ from pipeline.config import Params
 from pipeline.data import load_dataset
 from pipeline.evaluation import accuracy
 from pipeline.models import build_model, load_weights, normalize_state_dict
-from pipeline.stage import log, run_stage
+from pipeline.stage import log, log_epoch, run_stage
 from pipeline.training import train
 
 
@@ -28,15 +28,14 @@ def run(params: Params, paths: io.Paths) -> None:
             params.baseline,
             params.seed,
             evaluate=lambda m: accuracy(m, splits.test),
+            on_epoch=log_epoch("baseline"),
+            desc="baseline",
         )
         epochs = len(history)
-        for h in history:
-            log.info(
-                "baseline epoch %d: loss %.4f, test accuracy %.4f", h.epoch, h.loss, h.accuracy
-            )
     else:
         state = normalize_state_dict(
-            io.read_checkpoint(params.model.checkpoint, "model.checkpoint")
+            io.read_checkpoint(params.model.checkpoint, "model.checkpoint"),
+            params.model.checkpoint,
         )
         load_weights(model, state, params.model.checkpoint, params.model.arch)
     test_accuracy = accuracy(model, splits.test)

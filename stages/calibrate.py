@@ -15,7 +15,7 @@ from pipeline.stage import load_model, log, run_stage
 def run(params: Params, paths: io.Paths) -> None:
     splits = load_dataset(params.data)
     draw = CALIBRATION_SOURCES[params.calibrate.source]
-    inputs, labels = draw(splits.train_eval, params.calibrate.size, params.seed)
+    inputs, labels = draw(splits.train_eval, params.calibrate.samples, params.seed)
     model = load_model(
         params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint"
     )

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import sys
-import time
 from collections.abc import Sequence
 
 from pipeline import io
 from pipeline.config import Params
 from pipeline.parallel import Placement
+from pipeline.plots import distortion_curves_figure
 from pipeline.stage import load_model, log, placement_summary, profile_curves, run_stage
 
 
@@ -17,29 +17,31 @@ def run(params: Params, paths: io.Paths) -> None:
     model = load_model(
         params, paths.baseline, inputs.shape[1], reference.shape[1], "baseline checkpoint"
     )
-    start = time.perf_counter()
     placements: list[Placement] = []
     curves = profile_curves(params, model, inputs, reference, placements)
-    seconds = time.perf_counter() - start
     meta = {
         "rdprune.arch": params.model.arch,
         "rdprune.in_channels": str(inputs.shape[1]),
         "rdprune.num_classes": str(reference.shape[1]),
     }
     io.write_distortion(paths.distortion, curves, meta)
-    metrics = {
-        "layers": len(curves.layers),
-        "levels": len(curves.sparsity),
-        "seconds": round(seconds, 2),
-        "units": len(placements),
-        **placement_summary(placements),  # nodes, GPUs, and per node: GPU ids, devices, PIDs
-    }
+    io.write_figure(paths.figure("distortion_curves"), distortion_curves_figure(curves))
+    metrics = {"layers": len(curves.layers), "levels": len(curves.sparsity)}
     io.write_metrics(paths.metrics("profile"), metrics)
+    # Where the units ran changes from run to run: beside the wall times, never in metrics.
+    placement = {"units": len(placements), **placement_summary(placements)}
+    io.write_metrics(paths.timing("profile_placement"), placement)
     log.info(
-        "profile: %d layers x %d levels in %.1f s (%s engine, %s backend)",
+        "profile: %d work units on %d node(s), %d GPU(s), devices %s",
+        len(placements),
+        placement["nodes"],
+        placement["gpus"],
+        ",".join(sorted({p.device for p in placements})),
+    )
+    log.info(
+        "profile: %d layers x %d levels (%s engine, %s backend)",
         len(curves.layers),
         len(curves.sparsity),
-        seconds,
         params.profile.engine,
         params.ray.backend,
     )

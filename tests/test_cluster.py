@@ -180,10 +180,9 @@ def cluster() -> Iterator[Cluster]:
 def write_params(root: Path, **ray: object) -> None:
     params = {
         "baseline": {"epochs": 1},
-        "calibrate": {"size": 64},
+        "calibrate": {"samples": 64},
         "profile": {"levels": LEVELS},
         "ray": ray,
-        "mlflow": {"tracking_uri": f"sqlite:///{root / 'mlflow.db'}"},
     }
     (root / "params.yaml").write_text(yaml.safe_dump(params))
 
@@ -223,10 +222,13 @@ def client_env(cluster: Cluster, base: Path, token: str | None = None) -> dict[s
     )
 
 
+def placement_file(root: Path) -> dict:
+    return json.loads((root / "timings" / "profile_placement.json").read_text())
+
+
 def placement(root: Path) -> dict[str, dict]:
-    """Per node id: where the profile's units ran, from metrics/profile.json."""
-    nodes = json.loads((root / "metrics" / "profile.json").read_text())["placement"]
-    return {n["node"]: n for n in nodes}
+    """Per node id: where the profile's units ran."""
+    return {n["node"]: n for n in placement_file(root)["placement"]}
 
 
 def same_table(root: Path) -> bool:
@@ -242,8 +244,8 @@ def test_two_node_cluster_with_fractional_gpus(cluster, project, tmp_path):
     assert same_table(project)
     nodes = placement(project)
     assert len(nodes) == 2 and cluster.node_ids == set(nodes)
-    metrics = json.loads((project / "metrics" / "profile.json").read_text())
-    assert metrics["nodes"] == 2 and metrics["gpus"] >= 2
+    summary = placement_file(project)
+    assert summary["nodes"] == 2 and summary["gpus"] >= 2
     for node in nodes.values():
         assert node["gpu_ids"] and set(node["gpu_ids"]) <= {"0", "1"}  # Ray's logical GPUs
         assert node["devices"] == ["cpu"]  # no CUDA here: each task fell back to the CPU
@@ -279,7 +281,7 @@ def test_worker_killed_mid_profile_is_retried(cluster, project, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     assert same_table(project)
     units = sum(n["units"] for n in placement(project).values())
-    assert units == json.loads((project / "metrics" / "profile.json").read_text())["units"]
+    assert units == placement_file(project)["units"]
 
 
 def test_null_address_never_joins_a_running_cluster(cluster, project):

@@ -1,13 +1,44 @@
-import pytest
+from pathlib import Path
 
-from pipeline.config import Params, flatten, load_params
+import pytest
+import yaml
+
+from pipeline.config import defaults, flatten, load_params, param_keys
 from pipeline.errors import PipelineError
 
+REPO = Path(__file__).resolve().parents[1]
+PARAM_FILES = [REPO / "params.yaml", *sorted((REPO / "presets").glob("*.yaml"))]
 
-def test_defaults_validate():
-    params = load_params({})
-    assert params == Params()
-    assert flatten(params)["prune.ratio"] == 0.8
+
+def test_params_yaml_is_exactly_the_defaults():
+    """One home for defaults: the dataclasses; params.yaml spells out the same values."""
+    assert yaml.safe_load((REPO / "params.yaml").read_text()) == defaults()
+    assert flatten(load_params({}))["prune.bn_recalibration"] == 512
+
+
+@pytest.mark.parametrize("path", PARAM_FILES, ids=lambda p: p.name)
+def test_no_param_name_that_dvc_run_cache_drops(path):
+    """DVC's run-cache key excludes every param named size or nfiles, at any depth."""
+    mapping = yaml.safe_load(path.read_text())
+    load_params(mapping)
+    assert not [k for k in param_keys(mapping) if k.rpartition(".")[2] in ("size", "nfiles")]
+
+
+@pytest.mark.parametrize(
+    "mapping",
+    [{"calibrate": {"size": 128}}, {"allocate": {"limits": {"nfiles": [0, 1]}}}],
+)
+def test_a_key_dvc_would_ignore_is_rejected(mapping):
+    with pytest.raises(PipelineError, match=r"has a name DVC's run-cache ignores"):
+        load_params(mapping)
+
+
+def test_bn_corrected_curves_need_the_prune_stage_to_recalibrate():
+    with pytest.raises(PipelineError, match=r"profile.bn_correction = True .*bn_recalibration"):
+        load_params({"prune": {"bn_recalibration": 0}})
+    params = load_params({"prune": {"bn_recalibration": 0}, "profile": {"bn_correction": False}})
+    assert params.prune.bn_rule is None and params.curve_bn_rule is None
+    assert load_params({}).curve_bn_rule == "relative"
 
 
 @pytest.mark.parametrize(

@@ -4,9 +4,12 @@ Runs real DVC, a real local Ray instance and a real MLflow sqlite store (~1-2 mi
 """
 
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,17 +18,18 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 FAST = {
     "baseline": {"epochs": 3},
-    "calibrate": {"size": 64},
+    "calibrate": {"samples": 64},
     "profile": {"levels": 11},
     "finetune": {"epochs": 2},
     "ray": {"num_cpus": 2},
 }
-STAGES = ["baseline", "calibrate", "profile", "allocate", "prune", "finetune"]
+STAGES = ["validate", "baseline", "calibrate", "profile", "allocate", "prune", "finetune", "track"]
+ALWAYS = ["validate", "track"]  # always_changed: they run on every repro
 
 pytestmark = pytest.mark.slow
 
 
-def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+def sh_env() -> dict[str, str]:
     env = {
         **os.environ,
         "GIT_AUTHOR_NAME": "t",
@@ -38,7 +42,34 @@ def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess
     env["PATH"] = (
         f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # this venv's dvc/python
     )
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    return env
+
+
+def wait_for_child(parent: int, marker: str, timeout: float) -> int:
+    """The pid of a descendant process of ``parent`` whose command line holds ``marker``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+                ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            grandparent = Path(f"/proc/{ppid}/stat")
+            try:  # DVC runs commands through $SHELL -c: dash keeps a shell in between
+                gppid = int(grandparent.read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                gppid = -1
+            if marker in cmdline and parent in (ppid, gppid):
+                return int(proc.name)
+        time.sleep(0.2)
+    raise AssertionError(f"no child {marker!r} of {parent} within {timeout} s")
+
+
+def sh(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=sh_env(), capture_output=True, text=True)
     if check and result.returncode:
         raise AssertionError(
             f"{args} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
@@ -53,7 +84,19 @@ def edit_params(root: Path, section: str, key: str, value) -> None:
 
 
 def ran(output: str) -> list[str]:
-    return [s for s in STAGES if f"Running stage '{s}'" in output]
+    """The stages that did work: ran, not skipped nor restored from the run-cache."""
+    return [
+        s
+        for s in STAGES
+        if f"Running stage '{s}'" in output and f"Stage '{s}' is cached" not in output
+    ]
+
+
+def mlflow_runs(root: Path) -> list:
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    return client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])
 
 
 @pytest.fixture(scope="module")
@@ -88,36 +131,102 @@ def test_repro_ratio_change_mlflow_and_bad_input(checkout):
         "finetuned.pt",
     ):
         assert (root / "artifacts" / out).is_file(), out
-    assert "Data and pipelines are up to date" in sh(root, "dvc", "status").stdout
+    status = sh(root, "dvc", "status").stdout
+    assert [line for line in status.splitlines() if line.strip().endswith(":")] == [
+        f"{s}:" for s in ALWAYS
+    ]  # only the two always_changed stages, nothing stale
 
     # Editing prune.ratio reruns exactly allocate, prune and finetune.
     edit_params(root, "prune", "ratio", 0.5)
     second = sh(root, "dvc", "repro")
-    assert ran(second.stdout) == ["allocate", "prune", "finetune"]
+    assert ran(second.stdout) == ["validate", "allocate", "prune", "finetune", "track"]
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "ratio 0.5")
-
-    import mlflow
-
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
-    runs = client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])
+    runs = mlflow_runs(root)
     assert sorted(r.data.params["prune.ratio"] for r in runs) == ["0.5", "0.8"]
     assert all(r.data.metrics["sparsity"] >= float(r.data.params["prune.ratio"]) for r in runs)
 
-    # Bad input: one clear line, non-zero exit; after the params are put back, checkout restores.
+    # The same result again is the same run: a forced fine-tune, a Pareto-only edit.
+    assert ran(sh(root, "dvc", "repro", "-f", "-s", "finetune").stdout) == ["finetune"]
+    assert ran(sh(root, "dvc", "repro").stdout) == ALWAYS
+    edit_params(root, "allocate", "pareto_ratios", [0.3, 0.5, 0.7])
+    assert ran(sh(root, "dvc", "repro").stdout) == ["validate", "allocate", "track"]
+    assert len(mlflow_runs(root)) == 2
+    sh(root, "git", "checkout", "params.yaml")
+    sh(root, "dvc", "repro")
+
+    # A DVC experiment restored from the run-cache finds the run that holds its result.
+    sh(root, "dvc", "exp", "run", "-n", "back-to-08", "-S", "prune.ratio=0.8")
+    runs = mlflow_runs(root)
+    assert len(runs) == 2
+    (run08,) = [r for r in runs if r.data.params["prune.ratio"] == "0.8"]
+    assert "back-to-08" in run08.data.tags["dvc.exp_names"].split(",")
+    sh(root, "git", "checkout", "params.yaml", "dvc.lock")
+    sh(root, "dvc", "checkout")
+
+    # Bad input: one clear line, non-zero exit, even where every other stage is up to date;
+    # after the params are put back, checkout restores.
     allocation = (root / "artifacts" / "allocation.parquet").read_bytes()
     good_params = (root / "params.yaml").read_text()
     for section, key, value, message in [
         ("prune", "ratio", 1.5, "error: prune.ratio = 1.5"),
         ("model", "arch", "resnet9000", "error: model.arch = 'resnet9000'"),
         ("allocate", "method", "magic", "error: allocate.method = 'magic'"),
+        ("prune", "ration", 0.5, "error: unknown param prune.ration in section prune"),
+        ("calibrate", "size", 128, "error: param calibrate.size has a name DVC's run-cache"),
+        ("seed", None, None, "error: unknown param sead in params.yaml"),
     ]:
-        edit_params(root, section, key, value)
+        if section == "seed":
+            (root / "params.yaml").write_text(good_params + "sead: 3\n")
+        else:
+            edit_params(root, section, key, value)
         bad = sh(root, "dvc", "repro", check=False)
         assert bad.returncode != 0
         assert message in bad.stderr + bad.stdout
+        assert ran(bad.stdout) == ["validate"]  # it stopped before any work
         (root / "params.yaml").write_text(good_params)
         sh(root, "dvc", "checkout")
-        assert "Data and pipelines are up to date" in sh(root, "dvc", "status").stdout
         assert (root / "artifacts" / "allocation.parquet").read_bytes() == allocation
-    assert len(client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])) == 2
+    assert len(mlflow_runs(root)) == 2
+
+    # Figures render offline in `dvc plots show` (images, not CDN-loaded vega).
+    sh(root, "dvc", "plots", "show", "--out", "dvc_plots")
+    html = (root / "dvc_plots" / "index.html").read_text()
+    for name in ("distortion_curves", "allocation", "pareto", "joint_distortion"):
+        assert re.search(rf'<img src="[^"]*{name}\.png"', html), name
+
+
+def test_killing_dvc_stops_its_stage(checkout):
+    """SIGTERM to `dvc repro` ends the running stage too: no orphan writes outputs later."""
+    root = checkout
+    sh(root, "dvc", "repro")  # an earlier state to come back to (a no-op after the test above)
+    good_params = (root / "params.yaml").read_text()
+    edit_params(root, "baseline", "epochs", 500)  # minutes of training
+    baseline = root / "artifacts" / "baseline.pt"
+    log = open(root / "killed.log", "w")  # noqa: SIM115 (a pipe nobody reads would block)
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=root,
+        env={**sh_env(), "SHELL": "/bin/sh"},  # dash: a shell stays between dvc and the stage
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        stage_pid = wait_for_child(proc.pid, "stages.baseline", timeout=60)
+        time.sleep(2)  # well into training
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 15
+        while Path(f"/proc/{stage_pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not Path(f"/proc/{stage_pid}").exists(), "the stage outlived dvc"
+        assert not baseline.exists()
+        assert not list((root / "artifacts").glob(".baseline.pt.*"))  # no temporary left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+        (root / "killed.log").unlink()
+        (root / "params.yaml").write_text(good_params)
+    sh(root, "dvc", "checkout")
+    assert baseline.is_file()  # the earlier state is restorable

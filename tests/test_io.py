@@ -110,7 +110,9 @@ def test_mismatched_and_corrupt_checkpoints(tmp_path):
     ):
         load_weights(model, other.state_dict(), "x.pt", "digits_cnn")
     wrapped = {"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}
-    load_weights(other.__class__(1, 10), normalize_state_dict(wrapped), "x.pt", "digits_cnn")
+    load_weights(
+        other.__class__(1, 10), normalize_state_dict(wrapped, "x.pt"), "x.pt", "digits_cnn"
+    )
     (tmp_path / "bad.pt").write_bytes(b"garbage")
     with pytest.raises(PipelineError, match="corrupt"):
         io.read_checkpoint(tmp_path / "bad.pt")

@@ -1,7 +1,6 @@
 """Every stage run in process on a tiny configuration (serial backend), then bad input."""
 
 import dataclasses
-import json
 import shutil
 from pathlib import Path
 
@@ -12,35 +11,12 @@ import torch
 import yaml
 
 from pipeline import io
+from pipeline.config import load_params
+from pipeline.data import load_dataset
+from pipeline.evaluation import accuracy
 from pipeline.models import build_model
-from stages import allocate, baseline, calibrate, finetune, profile, prune
-
-STAGES = [baseline, calibrate, profile, allocate, prune, finetune]
-TINY = {
-    "baseline": {"epochs": 2},
-    "calibrate": {"size": 32},
-    "profile": {"levels": 6},
-    "finetune": {"epochs": 2},
-    "ray": {"backend": "serial"},
-    "prune": {"ratio": 0.6},
-}
-
-
-def write_params(root: Path, **overrides) -> None:
-    params = json.loads(json.dumps(TINY))
-    for section, values in overrides.items():
-        params.setdefault(section, {}).update(values)
-    params.setdefault("mlflow", {})["tracking_uri"] = f"sqlite:///{root / 'mlflow.db'}"
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("project")
-    write_params(root)
-    for stage in STAGES:
-        assert stage.main(["--root", str(root)]) == 0, stage.__name__
-    return root
+from stages import allocate, baseline, profile, prune
+from tests.conftest import STAGES, write_params
 
 
 def test_outputs_and_metrics(project):
@@ -54,14 +30,18 @@ def test_outputs_and_metrics(project):
     assert allocation.layers == ["conv1", "conv2", "conv3", "conv4", "fc"]
     prune_metrics = io.read_metrics(paths.metrics("prune"))
     assert prune_metrics["sparsity"] >= 0.6
-    assert 0 <= prune_metrics["accuracy"] <= 1
+    pruned = build_model("digits_cnn", 1, 10)
+    pruned.load_state_dict(torch.load(paths.pruned))
+    test_set = load_dataset(load_params({}).data).test
+    assert prune_metrics["accuracy"] == accuracy(pruned, test_set)  # of the checkpoint written
     assert prune_metrics["predicted_distortion"] == pytest.approx(
         allocation.predicted_distortion.sum()
     )
     assert io.read_metrics(paths.metrics("allocate"))["sparsity"] == pytest.approx(
         prune_metrics["sparsity"]
     )
-    assert 0 <= io.read_metrics(paths.metrics("calibrate"))["dense_accuracy"] <= 1
+    dense_accuracy = io.read_metrics(paths.metrics("calibrate"))["dense_accuracy"]
+    assert dense_accuracy == io.read_metrics(paths.metrics("baseline"))["accuracy"]
     # pruned and fine-tuned checkpoints load plainly and keep exactly the allocated zeros
     for ckpt in (paths.pruned, paths.finetuned):
         model = build_model("digits_cnn", 1, 10)
@@ -74,10 +54,13 @@ def test_profile_is_byte_deterministic(project, tmp_path):
     shutil.copytree(project, tmp_path / "again")
     (tmp_path / "again" / "artifacts" / "distortion.parquet").unlink()
     assert profile.main(["--root", str(tmp_path / "again")]) == 0
-    assert (
-        io.Paths(project).distortion.read_bytes()
-        == io.Paths(tmp_path / "again").distortion.read_bytes()
-    )
+    for name in ("distortion", "figure"):
+        first, again = io.Paths(project), io.Paths(tmp_path / "again")
+        if name == "figure":
+            first, again = first.figure("distortion_curves"), again.figure("distortion_curves")
+        else:
+            first, again = first.distortion, again.distortion
+        assert first.read_bytes() == again.read_bytes()
 
 
 def test_mlflow_run_holds_the_result(project):
@@ -86,6 +69,7 @@ def test_mlflow_run_holds_the_result(project):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])
     assert run.data.params["prune.ratio"] == "0.6" and run.data.params["allocate.method"] == "rd"
+    assert run.data.metrics["ratio"] == 0.6
     for key in (
         "dense_accuracy",
         "prune_accuracy",
@@ -98,7 +82,14 @@ def test_mlflow_run_holds_the_result(project):
     history = client.get_metric_history(run.info.run_id, "finetune_epoch_loss")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"allocation.json", "allocation.png", "allocation.parquet", "finetune.png"} <= artifacts
+    assert {
+        "allocation.json",
+        "allocation.parquet",
+        "pareto.parquet",
+        *(f"{name}.png" for name in io.Paths.FIGURES),
+    } <= artifacts
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     assert Path(run.info.artifact_uri.removeprefix("file://")).is_relative_to(project)
 
 
@@ -193,13 +184,13 @@ def test_imagefolder_cifar_resnet_with_synthetic_calibration(tmp_path):
         "model": {"arch": "cifar_resnet20"},
         "data": {"name": "imagefolder", "root": str(tmp_path / "images")},
         "baseline": {"epochs": 1, "batch_size": 16},
-        "calibrate": {"size": 12, "source": "synthetic"},
+        "calibrate": {"samples": 12, "source": "synthetic"},
         "profile": {"levels": 3, "bn_correction": True},
         "allocate": {"pareto_ratios": [0.5]},
         "prune": {"ratio": 0.5, "bn_recalibration": 16},
         "finetune": {"epochs": 1, "batch_size": 16},
         "ray": {"backend": "serial"},
-        "mlflow": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
+        "track": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for stage in STAGES:

@@ -1,0 +1,43 @@
+"""track: the pipeline's result as exactly one MLflow run.
+
+DVC runs this stage on every ``dvc repro`` (``always_changed``). The run is keyed by a hash of
+the result's files: a rerun that reproduces a result, or a DVC experiment restored from the
+run-cache, finds the run that holds it and adds the experiment's name to it, instead of logging
+a duplicate.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from pipeline import io, tracking
+from pipeline.config import Params
+from pipeline.stage import log, result_record, run_stage
+
+
+def run(params: Params, paths: io.Paths) -> None:
+    record = result_record(params, paths)
+    run_id, experiment_id, created = tracking.log_result(
+        tracking_uri=tracking.resolve_tracking_uri(params.track.tracking_uri, paths.root),
+        experiment=params.track.experiment,
+        key=io.content_hash(paths.result_files()),
+        exp_name=os.environ.get("DVC_EXP_NAME", ""),
+        run_name=f"{params.allocate.method} ratio={params.prune.ratio:g}",
+        **record,
+    )
+    log.info(
+        "track: MLflow run %s (%s); in `mlflow ui`: #/experiments/%s?workflowType=machine_learning",
+        run_id,
+        "logged" if created else "already there",
+        experiment_id,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_stage(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,301 @@
+"""Issue-9 promises: params reach the stages, bad input is one clear line, timings never sit in
+a dependency, exactly one MLflow run per result, interrupts lose nothing."""
+
+import ast
+import http.server
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from pipeline import io, tracking
+from pipeline.allocation import check_same_layers, solve_mckp
+from pipeline.errors import PipelineError
+from pipeline.models import normalize_state_dict, resolve_model
+from pipeline.plots import allocations_figure, distortion_curves_figure, pareto_figure
+from stages import allocate, track, validate
+from tests.conftest import write_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def copy_project(project: Path, dest: Path, **overrides) -> io.Paths:
+    shutil.copytree(project, dest)
+    write_params(dest, **overrides)
+    return io.Paths(dest)
+
+
+def runs_of(root: Path, deleted: bool = False):
+    import mlflow
+    from mlflow.entities import ViewType
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("rdprune")
+    view = ViewType.ALL if deleted else ViewType.ACTIVE_ONLY
+    return client.search_runs([experiment.experiment_id], run_view_type=view)
+
+
+# ------------------------------------------------------------------ params reach the stages
+@pytest.mark.parametrize(
+    ("allocate_params", "ratio", "infeasible"),
+    [({"exclude": ["fc"]}, 0.8, [0.99]), ({"limits": {"*": [0, 0.5]}}, 0.3, [0.55, 0.6, 0.99])],
+)
+def test_pareto_sweep_skips_and_reports_ratios_the_limits_forbid(
+    project, tmp_path, allocate_params, ratio, infeasible
+):
+    sweep = [0.2, ratio, 0.55, 0.6, 0.99] if ratio == 0.3 else [0.5, ratio, 0.99]
+    paths = copy_project(
+        project,
+        tmp_path / "p",
+        prune={"ratio": ratio},
+        allocate={**allocate_params, "pareto_ratios": sweep},
+    )
+    assert allocate.main(["--root", str(paths.root)]) == 0
+    metrics = io.read_metrics(paths.metrics("allocate"))
+    assert metrics["pareto_infeasible"] == [r for r in sweep if r in infeasible]
+    front = io.read_csv(paths.plot("pareto"))
+    assert [float(row["ratio"]) for row in front] == [r for r in sweep if r not in infeasible]
+
+
+def test_progressive_allocation_recalibrates_only_when_the_prune_stage_does(
+    project, tmp_path, monkeypatch
+):
+    import pipeline.stage
+
+    calls = []
+    real = pipeline.stage.recalibrate_bn
+    monkeypatch.setattr(
+        pipeline.stage, "recalibrate_bn", lambda *a, **k: calls.append(a[-1]) or real(*a, **k)
+    )
+    off = {"prune": {"bn_recalibration": 0}, "profile": {"bn_correction": False}}
+    for name, overrides, expected in [("off", off, []), ("on", {}, ["relative"] * 2)]:
+        paths = copy_project(
+            project,
+            tmp_path / name,
+            allocate={"steps": 2, "pareto_ratios": [0.5]},
+            **overrides,
+        )
+        calls.clear()
+        assert allocate.main(["--root", str(paths.root)]) == 0
+        assert calls == expected, name
+        assert io.read_metrics(paths.metrics("allocate"))["sparsity"] >= 0.6
+
+
+def test_no_wall_clock_value_in_any_dvc_output(project):
+    """Timings sit in timings/, which no stage depends on; every metrics file is data."""
+    paths = io.Paths(project)
+    for stage in ("validate", "baseline", "profile", "allocate", "prune", "finetune"):
+        assert io.read_metrics(paths.timing(stage))["seconds"] >= 0
+    for metrics in (project / "metrics").glob("*.json"):
+        assert not [k for k in io.read_metrics(metrics) if "second" in k or "time" in k], metrics
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        assert not [d for d in stage["deps"] if d.startswith("timings")], name
+        if name != "track":  # metrics are what people read; no stage's work may hinge on them
+            assert not [d for d in stage["deps"] if d.startswith("metrics/")], name
+
+
+# ------------------------------------------------------------------ one MLflow run per result
+def test_track_finds_the_run_of_a_result_and_tags_each_experiment(project, tmp_path, monkeypatch):
+    paths = copy_project(project, tmp_path / "t")
+    (run,) = runs_of(paths.root)
+    for exp_name in ("", "exp-a", "exp-b", "exp-a"):
+        monkeypatch.setenv("DVC_EXP_NAME", exp_name)
+        assert track.main(["--root", str(paths.root)]) == 0
+    (again,) = runs_of(paths.root)
+    assert again.info.run_id == run.info.run_id
+    assert again.data.tags[tracking.EXP_NAMES_TAG] == "exp-a,exp-b"
+    # another result (a different fine-tune) is another run
+    metrics = io.read_metrics(paths.metrics("finetune"))
+    io.write_metrics(paths.metrics("finetune"), {**metrics, "epochs": 99})
+    assert track.main(["--root", str(paths.root)]) == 0
+    assert len(runs_of(paths.root)) == 2
+
+
+def test_interrupted_logging_leaves_no_run_and_a_rerun_logs_it_once(project, tmp_path, monkeypatch):
+    import mlflow
+
+    paths = copy_project(project, tmp_path / "i")
+    metrics = io.read_metrics(paths.metrics("finetune"))
+    io.write_metrics(paths.metrics("finetune"), {**metrics, "epochs": 7})  # a new result
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(mlflow, "log_artifact", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        track.main(["--root", str(paths.root)])
+    failed = [r for r in runs_of(paths.root) if r.info.status != "FINISHED"]
+    assert len(failed) == 1 and failed[0].info.status == "FAILED"
+    monkeypatch.undo()
+    assert track.main(["--root", str(paths.root)]) == 0
+    runs = runs_of(paths.root)
+    assert sorted(r.info.status for r in runs) == ["FINISHED", "FINISHED"]  # old result + this
+    assert failed[0].info.run_id not in {r.info.run_id for r in runs}
+
+
+# ------------------------------------------------------------------ the store, checked first
+class NotMlflow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802
+        self.send_response(404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("kind", ["proc", "refused", "not-mlflow"])
+def test_unusable_tracking_store_is_one_line_at_the_start(project, tmp_path, capsys, kind):
+    server = None
+    if kind == "not-mlflow":
+        server = http.server.HTTPServer(("127.0.0.1", 0), NotMlflow)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+    uri = {
+        "proc": "sqlite:////proc/x.db",
+        "refused": "http://127.0.0.1:1",
+        "not-mlflow": f"http://127.0.0.1:{server.server_port if server else 0}",
+    }[kind]
+    paths = copy_project(project, tmp_path / kind)
+    write_params(paths.root)
+    text = (paths.params.read_text()).replace(f"sqlite:///{paths.root / 'mlflow.db'}", uri)
+    paths.params.write_text(text)
+    start = time.monotonic()
+    assert validate.main(["--root", str(paths.root)]) == 2
+    assert time.monotonic() - start < 10
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: track.tracking_uri = '{uri}'")
+    if server:
+        server.shutdown()
+
+
+# ------------------------------------------------------------------ readers reject clearly
+def test_distortion_table_of_another_model_is_one_line(project, tmp_path, capsys):
+    paths = copy_project(project, tmp_path / "d")
+    curves = io.read_distortion(paths.distortion)
+    meta = io.read_table_metadata(paths.distortion)
+    renamed = type(curves)(**{**curves.__dict__, "layers": ["x", *curves.layers[1:]]})
+    io.write_distortion(paths.distortion, renamed, meta)
+    before = paths.allocation.read_bytes()
+    assert allocate.main(["--root", str(paths.root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: the distortion table was made for a different model")
+    assert "'conv1'" in err[-1] or "'x'" in err[-1]
+    assert paths.allocation.read_bytes() == before
+
+
+def test_negative_distortion_is_rejected(project, tmp_path, capsys):
+    paths = copy_project(project, tmp_path / "n")
+    curves = io.read_distortion(paths.distortion)
+    mean = curves.mean.copy()
+    mean[1, 2] = -999.0
+    bad = type(curves)(**{**curves.__dict__, "mean": mean})
+    io.write_distortion(paths.distortion, bad, io.read_table_metadata(paths.distortion))
+    assert allocate.main(["--root", str(paths.root)]) == 2
+    assert re.search(
+        r"error: .*distortion of layer .* is -999.0; allowed: finite values >= 0",
+        capsys.readouterr().err,
+    )
+
+
+def test_bad_model_import_path_and_non_state_dict_name_what_is_wrong():
+    with pytest.raises(
+        PipelineError, match=r"model.arch = 'math:pi' names a float, not a callable"
+    ):
+        resolve_model("math:pi")(1, 10)
+    with pytest.raises(PipelineError, match=r"checkpoint /tmp/w.pt does not hold a state_dict"):
+        normalize_state_dict([1, 2], "/tmp/w.pt")
+    with pytest.raises(PipelineError, match=r"different model .*'b': None vs 5 weights"):
+        check_same_layers(["a"], [3], {"a": 3, "b": 5}, "the table")
+
+
+def test_infeasible_budget_says_what_is_kept_and_what_to_change():
+    with pytest.raises(PipelineError) as info:
+        solve_mckp(np.array([[10, 5], [10, 5]]), np.array([[0.0, 1.0], [0.0, 1.0]]), [4])
+    assert str(info.value) == (
+        "keeping at most 4 is infeasible: the sparsest levels the limits allow keep 10; "
+        "allowed: a lower ratio, or looser allocate.limits / allocate.exclude"
+    )
+
+
+# ------------------------------------------------------------------ what people look at
+def test_figures_are_written_byte_deterministically(project):
+    paths = io.Paths(project)
+    for figure in paths.figures():
+        assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
+    curves = io.read_distortion(paths.distortion)
+    fig = distortion_curves_figure(curves)
+    assert len(fig.axes[0].lines) == len(curves.layers) and fig.axes[0].get_yscale() == "log"
+    allocation = io.read_allocation(paths.allocation)
+    fig = allocations_figure({"rd": allocation, "same": allocation}, 0.6)
+    assert len(fig.axes[0].patches) == 2 * len(allocation.layers)
+    fig = pareto_figure([0.5, 0.6], [1.0, 2.0], 0.6)
+    assert list(fig.axes[0].lines[0].get_xdata()) == [0.5, 0.6]
+    out = project.parent / "again.png"
+    io.write_figure(out, distortion_curves_figure(curves))
+    assert out.read_bytes() == paths.figure("distortion_curves").read_bytes()
+
+
+def test_training_reports_each_epoch_as_it_ends():
+    import torch
+    from torch.utils.data import TensorDataset
+
+    from pipeline.config import TrainParams
+    from pipeline.training import train
+
+    events = []
+    data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
+    model = torch.nn.Linear(4, 3)
+    train(
+        model,
+        data,
+        TrainParams(epochs=3, batch_size=8),
+        seed=0,
+        evaluate=lambda m: events.append(("evaluate", m.weight.detach().clone())) or 0.5,
+        on_epoch=lambda stats: events.append(("epoch", stats.epoch)),
+    )
+    assert [e[0] for e in events] == ["evaluate", "epoch"] * 3
+    assert [e[1] for e in events if e[0] == "epoch"] == [1, 2, 3]
+
+
+def test_every_imported_package_is_declared():
+    """Install noise: a module the code imports must be a declared dependency."""
+    from importlib.metadata import metadata
+
+    meta = metadata("rdprune")  # as installed from pyproject.toml
+    requires = [r for r in meta.get_all("Requires-Dist") if "extra ==" not in r]
+    declared = {re.split(r"[\[<>=!~ ;(]", r)[0].lower() for r in requires}
+    assert meta["License-Expression"] == "MIT"  # SPDX, not the deprecated table
+    aliases = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow"}
+    own = {"pipeline", "stages", "tests"}
+    imported = set()
+    for folder in ("pipeline", "stages"):
+        for path in (REPO / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Import):
+                    imported |= {a.name.split(".")[0] for a in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                    imported.add(node.module.split(".")[0])
+    import sys
+
+    third_party = {m for m in imported if m not in sys.stdlib_module_names and m not in own}
+    transitive = {"pillow"}  # torchvision's own dependency, imported only through it
+    missing = {aliases.get(m, m).lower() for m in third_party} - declared - transitive
+    assert not missing
+
+
+def test_tracking_uri_resolution_and_project_root(tmp_path, monkeypatch):
+    queued = tmp_path / "proj" / ".dvc" / "tmp" / "exps" / "tmpabc123"
+    queued.mkdir(parents=True)
+    assert tracking.project_root(queued) == tmp_path / "proj"  # a queued copy logs home
+    assert tracking.project_root(tmp_path / "proj") == tmp_path / "proj"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    default = f"sqlite:///{tmp_path / 'proj' / 'mlflow.db'}"
+    assert tracking.resolve_tracking_uri(None, queued) == default
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
+    assert tracking.resolve_tracking_uri(None, queued) == "http://mlflow.example:5000"
+    assert tracking.resolve_tracking_uri("sqlite:////x.db", queued) == "sqlite:////x.db"
