@@ -270,7 +270,7 @@ def test_every_imported_package_is_declared():
     requires = [r for r in meta.get_all("Requires-Dist") if "extra ==" not in r]
     declared = {re.split(r"[\[<>=!~ ;(]", r)[0].lower() for r in requires}
     assert meta["License-Expression"] == "MIT"  # SPDX, not the deprecated table
-    aliases = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow"}
+    aliases = {"sklearn": "scikit-learn", "yaml": "pyyaml", "PIL": "pillow", "grpc": "grpcio"}
     own = {"pipeline", "stages", "tests"}
     imported = set()
     for folder in ("pipeline", "stages"):
