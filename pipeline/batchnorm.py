@@ -22,6 +22,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from pipeline.device import model_device
+
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 Moments = tuple[torch.Tensor, torch.Tensor]  # per-channel (mean, var), each (C,) float32
@@ -96,7 +98,8 @@ def input_moments(
     model: nn.Module, bns: list[nn.Module], inputs: torch.Tensor, batch_size: int
 ) -> list[Moments]:
     """Moments of what each of ``bns`` receives over ``inputs`` (N, ...), eval mode, one pass
-    (stopped early after the last of them when it is the last to run)."""
+    (stopped early after the last of them when it is the last to run), on the model's device;
+    the moments are on that device too."""
     moments = [ChannelMoments() for _ in bns]
     seen: set[int] = set()
 
@@ -111,11 +114,12 @@ def input_moments(
 
     handles = [bn.register_forward_pre_hook(hook(i)) for i, bn in enumerate(bns)]
     model.eval()
+    device = model_device(model)
     try:
         for start in range(0, len(inputs), batch_size):
             seen.clear()
             with contextlib.suppress(_Enough):
-                model(inputs[start : start + batch_size])
+                model(inputs[start : start + batch_size].to(device))
     finally:
         for h in handles:
             h.remove()
@@ -165,7 +169,7 @@ def _execution_order(model: nn.Module, bns: list[nn.Module], probe: torch.Tensor
     ]
     model.eval()
     try:
-        model(probe)
+        model(probe.to(model_device(model)))
     finally:
         for h in handles:
             h.remove()

@@ -219,6 +219,7 @@ class MlflowParams:
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
+    device: str = "auto"  # auto (a CUDA GPU if any, else CPU) | cpu | cuda | cuda:N
     model: ModelParams = field(default_factory=ModelParams)
     data: DataParams = field(default_factory=DataParams)
     baseline: TrainParams = field(default_factory=lambda: TrainParams(epochs=30))
@@ -231,6 +232,9 @@ class Params:
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def validate(self) -> None:
+        from pipeline.device import check_device_name
+
+        check_device_name(self.device)
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if isinstance(section, TrainParams):

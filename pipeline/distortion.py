@@ -9,6 +9,7 @@ against the dense reference is reduced to its mean (``distortion``) and max
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -16,7 +17,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batchnorm import BN_RULES, ChannelMoments, input_moments, set_running_stats
+from pipeline.batchnorm import (
+    BN_RULES,
+    ChannelMoments,
+    Moments,
+    input_moments,
+    set_running_stats,
+)
+from pipeline.device import model_device, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import per_sample_distortion, predict_logits, torch_threads
 from pipeline.masking import mask_pruning, pruned_count
@@ -110,7 +118,10 @@ def profile_naive(
     bn_correction: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper's algorithm: one full forward pass of the calibration set per level (two with
-    ``bn_correction``: the first measures what the consuming BatchNorm receives)."""
+    ``bn_correction``: the first measures what the consuming BatchNorm receives). Runs on the
+    model's device."""
+    device = model_device(model)
+    inputs, reference = inputs.to(device), reference.to(device)  # once, not per level
     modules = dict(model.named_modules())
     weight = modules[layer].weight
     original = weight.detach().clone()
@@ -150,17 +161,24 @@ def profile_fast(
     memory_mb: int,
     bn_correction: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Suffix-only recomputation (see suffix.py), several levels per batched pass.
+    """Suffix-only recomputation (see suffix.py), several levels per batched pass, on the
+    model's device.
 
     Falls back to ``profile_naive`` with a warning for models torch.fx cannot trace, or when
     the suffix pass fails its check: with the layer's own weight it must reproduce the
-    model's output.
+    model's output. Running out of GPU memory is no reason to fall back: the passes shrink
+    (``_profile_suffix``).
     """
     try:
         runner = SuffixRunner(model, layer)
         return _profile_suffix(
             runner, inputs, reference, sparsities, batch_size, memory_mb, bn_correction
         )
+    except torch.OutOfMemoryError as exc:  # a RuntimeError, but no reason for the slow engine
+        raise PipelineError(
+            f"profile layer {layer}: out of GPU memory even with one level per pass "
+            f"({str(exc).splitlines()[0]}); allowed: a smaller profile.batch_size"
+        ) from None
     except (NotTraceable, _SuffixMismatch, RuntimeError) as exc:
         log.warning(
             "profile layer %s: fast engine unavailable (%s); using full forward passes", layer, exc
@@ -174,6 +192,97 @@ class _SuffixMismatch(Exception):
     pass
 
 
+class _PrunedWeights:
+    """The layer's weight with the ``counts[j]`` smallest magnitudes zeroed, per level j
+    (the tie-break of ``mask_pruning``). Kept once built while they fit in ``budget`` bytes,
+    so that they are not rebuilt for every calibration batch."""
+
+    def __init__(self, weight: torch.Tensor, counts: list[int], budget: int) -> None:
+        self.weight, self.counts = weight, counts
+        self.order = torch.argsort(weight.abs().flatten(), stable=True)
+        self.keep = budget // (weight.numel() * weight.element_size())
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def __call__(self, j: int) -> torch.Tensor:
+        if j in self.cache:
+            return self.cache[j]
+        flat = self.weight.flatten().clone()
+        flat[self.order[: self.counts[j]]] = 0
+        pruned = flat.view_as(self.weight)
+        if len(self.cache) < self.keep:
+            self.cache[j] = pruned
+        return pruned
+
+
+class _PatchMoments:
+    """Exact per-channel moments of a Conv2d's or Linear's output for any number of candidate
+    weights, from moments of its input alone.
+
+    An output channel is w . p + b over input patches p, so its mean over samples and
+    positions is w . E[p] + b and its variance w^T Cov[p] w. The patch moments (sum and Gram
+    matrix, float64) cost one pass over the inputs whatever the number of levels; each level
+    then costs a (C_out x D x D) product instead of convolving the whole calibration set.
+    Supported: Conv2d with zero padding given as numbers (any stride, dilation, groups) and
+    Linear on (N, features); ``of`` returns None for anything else.
+    """
+
+    def __init__(self, module: nn.Module, budget: int) -> None:
+        self.module, self.budget = module, budget
+        self.total: torch.Tensor | None = None  # (G, D) sum of patches
+        self.gram: torch.Tensor | None = None  # (G, D, D) sum of patch outer products
+        self.count = 0  # patches per channel: samples x output positions
+
+    @classmethod
+    def of(cls, module: nn.Module, inp: torch.Tensor, budget: int) -> _PatchMoments | None:
+        """An accumulator for ``module`` fed inputs shaped like ``inp``, if supported."""
+        conv = (
+            type(module) is nn.Conv2d
+            and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str)
+        )
+        linear = type(module) is nn.Linear and inp.dim() == 2
+        return cls(module, budget) if conv or linear else None
+
+    def _columns(self, inp: torch.Tensor) -> list[torch.Tensor]:
+        """The patches of ``inp`` as float64 (G, D, M) chunks bounded by the byte budget."""
+        m = self.module
+        if isinstance(m, nn.Linear):
+            return [inp.to(torch.float64).T.unsqueeze(0)]  # (1, D, N)
+        d = inp.shape[1] * math.prod(m.kernel_size)
+        per_sample = max(1, d * math.prod(inp.shape[2:]))  # bound of one sample's columns
+        step = max(1, self.budget // (8 * 2 * per_sample))  # float64, and their transposed copy
+        cols = []
+        for i in range(0, len(inp), step):
+            u = nn.functional.unfold(
+                inp[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride
+            )  # (n, C_in * kh * kw, L), channel-major like the weight
+            cols.append(u.to(torch.float64).transpose(0, 1).reshape(m.groups, d // m.groups, -1))
+        return cols
+
+    def add(self, inp: torch.Tensor) -> None:
+        """Accumulate the patches of a batch of the layer's input (N, ...)."""
+        for c in self._columns(inp):
+            s, g = c.sum(2), torch.bmm(c, c.transpose(1, 2))
+            self.total = s if self.total is None else self.total + s
+            self.gram = g if self.gram is None else self.gram + g
+            self.count += c.shape[2]
+
+    def stats(self, weights: list[torch.Tensor]) -> list[Moments]:
+        """Per weight (shaped like the layer's), the output's (mean, var) float32 (C_out,)."""
+        mean = self.total / self.count  # (G, D)
+        cov = self.gram / self.count - mean.unsqueeze(2) * mean.unsqueeze(1)
+        bias = self.module.bias
+        out = []
+        for w in weights:
+            w = w.to(torch.float64).reshape(mean.shape[0], -1, mean.shape[1])  # (G, C/G, D)
+            m = torch.bmm(w, mean.unsqueeze(2)).flatten()
+            v = (torch.bmm(w, cov) * w).sum(2).flatten().clamp_min(0)
+            if bias is not None:
+                m = m + bias.to(torch.float64)
+            out.append((m.to(torch.float32), v.to(torch.float32)))
+        return out
+
+
 def _level_chunks(todo: list[int], group: int) -> list[list[int]]:
     return [todo[i : i + group] for i in range(0, len(todo), group)] or [[]]
 
@@ -182,16 +291,26 @@ def _bn_stats(
     runner: SuffixRunner,
     inputs: torch.Tensor,
     todo: list[int],
-    pruned,
+    pruned: _PrunedWeights,
     batch_size: int,
-    group: int,
+    budget: int,
     rule: str,
-) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+) -> dict[int, Moments]:
     """Per level: the consuming BatchNorm's statistics by ``BN_RULES[rule]`` from the moments
     of the pruned layer's output over the calibration set (and of its current output)."""
-    moments = {j: ChannelMoments() for j in [-1, *todo]}  # -1: the layer's current weight
     weight = runner.module.weight.detach()
-    for start in range(0, len(inputs), batch_size):
+    bn = runner.gm.get_submodule(runner.bn_node.target)
+    starts = range(0, len(inputs), batch_size)
+    first = runner.layer_input(runner.upstream(inputs[:batch_size]))
+    patches = _PatchMoments.of(runner.module, first, budget)
+    if patches is not None:  # moments from the layer's input: no pass per level
+        for start in starts:
+            patches.add(runner.layer_input(runner.upstream(inputs[start : start + batch_size])))
+        dense, *levels = patches.stats([weight, *(pruned(j) for j in todo)])
+        return {j: BN_RULES[rule](bn, dense, m) for j, m in zip(todo, levels, strict=True)}
+    moments = {j: ChannelMoments() for j in [-1, *todo]}  # -1: the layer's current weight
+    group = max(1, budget // (weight.numel() * weight.element_size()))
+    for start in starts:
         frontier = runner.upstream(inputs[start : start + batch_size])
         for chunk in _level_chunks([-1, *todo], group):
             outputs = runner.layer_outputs(
@@ -199,7 +318,6 @@ def _bn_stats(
             )
             for j, out in zip(chunk, outputs, strict=True):
                 moments[j].add(out)
-    bn = runner.gm.get_submodule(runner.bn_node.target)
     dense = moments.pop(-1).stats()
     return {j: BN_RULES[rule](bn, dense, m.stats()) for j, m in moments.items()}
 
@@ -214,37 +332,46 @@ def _profile_suffix(
     bn_correction: str | None,
 ) -> tuple[np.ndarray, np.ndarray]:
     weight = runner.module.weight.detach()
+    inputs, reference = inputs.to(weight.device), reference.to(weight.device)
     counts = _grid_counts(weight.numel(), sparsities)
     # Pruning only weights that are already zero leaves the network unchanged: distortion 0.
     zeros = int((weight == 0).sum())
     todo = [j for j, k in enumerate(counts) if k > zeros]
     sums, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
-    order = torch.argsort(weight.abs().flatten(), stable=True)  # the tie-break of mask_pruning
-
-    def pruned(j: int) -> torch.Tensor:
-        flat = weight.flatten().clone()
-        flat[order[: counts[j]]] = 0
-        return flat.view_as(weight)
-
     budget = memory_mb << 20
+    pruned = _PrunedWeights(weight, counts, budget)
     # each level of a pass holds its own pruned copy of the weight (VGG's FC: 400 MB each)
     weight_group = max(1, budget // (weight.numel() * weight.element_size()))
     correct = bn_correction is not None and runner.bn_node is not None
     stats = (
-        _bn_stats(runner, inputs, todo, pruned, batch_size, weight_group, bn_correction)
+        _bn_stats(runner, inputs, todo, pruned, batch_size, budget, bn_correction)
         if correct and todo
         else {}
     )
+    cap = max(1, len(todo))  # levels per pass; halved for good on a GPU out-of-memory error
     for start in range(0, len(inputs), batch_size):
         x, ref = inputs[start : start + batch_size], reference[start : start + batch_size]
         frontier = runner.upstream(x)
         per_level = runner.bytes_per_sample(frontier) * len(x)
-        group = max(1, min(budget // per_level, weight_group))
-        for c, chunk in enumerate(_level_chunks(todo, group)):
+        done, check = 0, start == 0  # the first pass also checks the layer's own weight
+        while done < len(todo) or check:
+            group = max(1, min(budget // per_level, weight_group, cap))
+            chunk = todo[done : done + group]
             weights = [pruned(j) for j in chunk]
-            check = start == 0 and c == 0  # the layer's own weight must reproduce the model
             bn = [stats[j] for j in chunk] + [None] * check if correct else None
-            logits = runner.run(frontier, weights + [weight] if check else weights, bn)
+            try:
+                logits = runner.run(frontier, weights + [weight] if check else weights, bn)
+            except torch.OutOfMemoryError:
+                if group == 1:
+                    raise
+                cap = group // 2
+                log.info(
+                    "profile layer %s: out of GPU memory with %d levels per pass; now %d",
+                    runner.layer,
+                    group,
+                    cap,
+                )
+                continue
             logits = logits.view(len(weights) + check, len(x), -1)
             if check:
                 own, expected = logits[-1], runner.gm(x)  # the model as it is (maybe pruned)
@@ -252,11 +379,12 @@ def _profile_suffix(
                     own, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())
                 ):
                     raise _SuffixMismatch("the suffix pass does not reproduce the model's logits")
-                logits = logits[:-1]
+                logits, check = logits[:-1], False
             if chunk:
-                d = per_sample_distortion(logits, ref).numpy()  # (levels, samples)
+                d = per_sample_distortion(logits, ref).cpu().numpy()  # (levels, samples)
                 sums[chunk] += d.sum(axis=1)
                 maxes[chunk] = np.maximum(maxes[chunk], d.max(axis=1))
+            done += len(chunk)
     return sums / len(inputs), maxes
 
 
@@ -276,6 +404,7 @@ def profile_layer(
     engine: str = "fast",
     memory_mb: int = 64,
     bn_correction: str | None = None,
+    device: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distortion curve of one layer: (mean, max), each (K,) float64 over ``sparsities``.
 
@@ -283,9 +412,13 @@ def profile_layer(
     "fast" (suffix-only recomputation) or "naive" (full forward passes); ``memory_mb`` bounds
     the batched multi-level passes; ``bn_correction`` (a ``BN_RULES`` name, or None) sets the
     statistics of the BatchNorm consuming the layer from the pruned outputs on the calibration
-    set by that rule, as the prune stage's BN recalibration will. The model is left unchanged,
-    so it may be shared.
+    set by that rule, as the prune stage's BN recalibration will. ``device``: a ``device``
+    param name, resolved here (under Ray: on the worker) and the model moved there; None: run
+    where the model is. Inputs may be on any device; the curves are CPU arrays. The model's
+    weights are left unchanged, so it may be shared.
     """
+    if device is not None:
+        model = model.to(resolve_device(device))
     with torch_threads(threads):
         return ENGINES[engine](
             layer, model, inputs, reference, sparsities, batch_size, memory_mb, bn_correction

@@ -18,6 +18,7 @@ from pipeline import io
 from pipeline.allocation import Allocation, Problem, allocate, layer_bounds
 from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
+from pipeline.device import resolve_device
 from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
 from pipeline.errors import PipelineError
 from pipeline.evaluation import predict_logits
@@ -49,14 +50,22 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     return 0
 
 
+def stage_device(params: Params) -> torch.device:
+    """The torch device the ``device`` param names here (one clear error if there is none)."""
+    device = resolve_device(params.device)
+    log.info("device: %s (device = %s)", device, params.device)
+    return device
+
+
 def load_model(
     params: Params, path: Path, in_channels: int, num_classes: int, what: str
 ) -> nn.Module:
-    """The registry's ``model.arch`` with the weights of checkpoint ``path``, in eval mode."""
+    """The registry's ``model.arch`` with the weights of checkpoint ``path`` (read onto the
+    CPU), on the ``device`` param's device, in eval mode."""
     model = build_model(params.model.arch, in_channels, num_classes)
     state = normalize_state_dict(io.read_checkpoint(path, what))
     load_weights(model, state, str(path), params.model.arch)
-    return model.eval()
+    return model.to(stage_device(params)).eval()
 
 
 def profile_curves(
@@ -64,7 +73,8 @@ def profile_curves(
 ) -> DistortionCurves:
     """Every prunable layer's distortion curve, one task per layer on the ``ray`` backend.
 
-    inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits.
+    inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits. Each task runs
+    on the ``device`` param's device (resolved where the task runs).
     """
     numel = prunable_numel(model)
     grid = sparsity_grid(params.profile.levels)
@@ -77,6 +87,7 @@ def profile_curves(
         "threads": params.profile.threads,
         "engine": params.profile.engine,
         "memory_mb": params.profile.memory_mb,
+        "device": params.device,
         "bn_correction": params.prune.bn_recalibration_mode
         if params.profile.bn_correction
         else None,
@@ -101,7 +112,7 @@ def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Modul
         targets=params.allocate.targets(params.prune.ratio),
         lo=lo,
         hi=hi,
-        magnitudes=[weights[n].abs().flatten().numpy() for n in curves.layers],
+        magnitudes=[weights[n].abs().flatten().cpu().numpy() for n in curves.layers],
         shapes=[tuple(weights[n].shape) for n in curves.layers],
     )
 

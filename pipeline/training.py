@@ -10,6 +10,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.config import TrainParams
+from pipeline.device import model_device
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,8 @@ def _masked_params(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     modules = dict(model.named_modules())
     return [
-        (modules[name].weight, mask.to(modules[name].weight.dtype)) for name, mask in masks.items()
+        (modules[name].weight, mask.to(modules[name].weight))  # the weight's dtype and device
+        for name, mask in masks.items()
     ]
 
 
@@ -40,7 +42,9 @@ def train(
 
     With ``masks`` (layer name -> bool mask, True = keep) the pruned weights stay exactly zero:
     their gradients are zeroed before each step, so momentum buffers and weight decay never
-    move them, and the weights are re-masked after each step.
+    move them, and the weights are re-masked after each step. Runs on the model's device;
+    batches are moved there (shuffling stays on the CPU generator, so the order is the same
+    on every device).
     """
     torch.manual_seed(seed)
     loader = DataLoader(
@@ -54,12 +58,14 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, params.epochs))
     masked = _masked_params(model, masks or {})
+    device = model_device(model)
     loss_fn = nn.CrossEntropyLoss()
     history = []
     for epoch in range(1, params.epochs + 1):
         model.train()
         total, count = 0.0, 0
         for x, y in loader:
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=False)
             loss = loss_fn(model(x), y)
             loss.backward()
