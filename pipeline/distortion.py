@@ -9,7 +9,6 @@ against the dense reference is reduced to its mean (``distortion``) and max
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -21,7 +20,9 @@ from pipeline.batchnorm import (
     BN_RULES,
     ChannelMoments,
     Moments,
+    PatchMoments,
     input_moments,
+    layer_patch_moments,
     set_running_stats,
 )
 from pipeline.device import model_device, resolve_device
@@ -117,9 +118,10 @@ def profile_naive(
     memory_mb: int,
     bn_correction: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The paper's algorithm: one full forward pass of the calibration set per level (two with
-    ``bn_correction``: the first measures what the consuming BatchNorm receives). Runs on the
-    model's device."""
+    """The paper's algorithm: one full forward pass of the calibration set per level. With
+    ``bn_correction``, what the consuming BatchNorm receives is measured first (one pass up to
+    the layer for all levels; for layers ``PatchMoments`` does not support, a pass up to the
+    BatchNorm per level). Runs on the model's device."""
     device = model_device(model)
     inputs, reference = inputs.to(device), reference.to(device)  # once, not per level
     modules = dict(model.named_modules())
@@ -128,7 +130,20 @@ def profile_naive(
     bn_name = consumer_batchnorm(model, layer) if bn_correction else None
     bn = modules[bn_name] if bn_name else None
     saved = (bn.running_mean.clone(), bn.running_var.clone()) if bn is not None else None
-    dense = input_moments(model, [bn], inputs, batch_size)[0] if bn is not None else None
+    # What the BN receives is the layer's output, a function of its (unchanged) input: one
+    # pass over the input gives exact moments for every level (see PatchMoments), the same
+    # computation as the fast engine's. Other layers: one more pass per level, up to the BN.
+    patches = (
+        layer_patch_moments(model, modules[layer], inputs, batch_size, memory_mb << 20)
+        if bn is not None
+        else None
+    )
+    if bn is None:
+        dense = None
+    elif patches is not None:
+        (dense,) = patches.stats([original])
+    else:
+        dense = input_moments(model, [bn], inputs, batch_size)[0]
     means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     zeros = int((original == 0).sum())
     try:
@@ -139,7 +154,10 @@ def profile_naive(
             if bn is not None:
                 # the rule reads the dense statistics; what the BN receives does not
                 set_running_stats(bn, saved)
-                pruned = input_moments(model, [bn], inputs, batch_size)[0]
+                if patches is not None:
+                    (pruned,) = patches.stats([weight])
+                else:
+                    pruned = input_moments(model, [bn], inputs, batch_size)[0]
                 set_running_stats(bn, BN_RULES[bn_correction](bn, dense, pruned))
             d = per_sample_distortion(predict_logits(model, inputs, batch_size), reference)
             means[j], maxes[j] = float(d.mean()), float(d.max())
@@ -214,75 +232,6 @@ class _PrunedWeights:
         return pruned
 
 
-class _PatchMoments:
-    """Exact per-channel moments of a Conv2d's or Linear's output for any number of candidate
-    weights, from moments of its input alone.
-
-    An output channel is w . p + b over input patches p, so its mean over samples and
-    positions is w . E[p] + b and its variance w^T Cov[p] w. The patch moments (sum and Gram
-    matrix, float64) cost one pass over the inputs whatever the number of levels; each level
-    then costs a (C_out x D x D) product instead of convolving the whole calibration set.
-    Supported: Conv2d with zero padding given as numbers (any stride, dilation, groups) and
-    Linear on (N, features); ``of`` returns None for anything else.
-    """
-
-    def __init__(self, module: nn.Module, budget: int) -> None:
-        self.module, self.budget = module, budget
-        self.total: torch.Tensor | None = None  # (G, D) sum of patches
-        self.gram: torch.Tensor | None = None  # (G, D, D) sum of patch outer products
-        self.count = 0  # patches per channel: samples x output positions
-
-    @classmethod
-    def of(cls, module: nn.Module, inp: torch.Tensor, budget: int) -> _PatchMoments | None:
-        """An accumulator for ``module`` fed inputs shaped like ``inp``, if supported."""
-        conv = (
-            type(module) is nn.Conv2d
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
-        linear = type(module) is nn.Linear and inp.dim() == 2
-        return cls(module, budget) if conv or linear else None
-
-    def _columns(self, inp: torch.Tensor) -> list[torch.Tensor]:
-        """The patches of ``inp`` as float64 (G, D, M) chunks bounded by the byte budget."""
-        m = self.module
-        if isinstance(m, nn.Linear):
-            return [inp.to(torch.float64).T.unsqueeze(0)]  # (1, D, N)
-        d = inp.shape[1] * math.prod(m.kernel_size)
-        per_sample = max(1, d * math.prod(inp.shape[2:]))  # bound of one sample's columns
-        step = max(1, self.budget // (8 * 2 * per_sample))  # float64, and their transposed copy
-        cols = []
-        for i in range(0, len(inp), step):
-            u = nn.functional.unfold(
-                inp[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride
-            )  # (n, C_in * kh * kw, L), channel-major like the weight
-            cols.append(u.to(torch.float64).transpose(0, 1).reshape(m.groups, d // m.groups, -1))
-        return cols
-
-    def add(self, inp: torch.Tensor) -> None:
-        """Accumulate the patches of a batch of the layer's input (N, ...)."""
-        for c in self._columns(inp):
-            s, g = c.sum(2), torch.bmm(c, c.transpose(1, 2))
-            self.total = s if self.total is None else self.total + s
-            self.gram = g if self.gram is None else self.gram + g
-            self.count += c.shape[2]
-
-    def stats(self, weights: list[torch.Tensor]) -> list[Moments]:
-        """Per weight (shaped like the layer's), the output's (mean, var) float32 (C_out,)."""
-        mean = self.total / self.count  # (G, D)
-        cov = self.gram / self.count - mean.unsqueeze(2) * mean.unsqueeze(1)
-        bias = self.module.bias
-        out = []
-        for w in weights:
-            w = w.to(torch.float64).reshape(mean.shape[0], -1, mean.shape[1])  # (G, C/G, D)
-            m = torch.bmm(w, mean.unsqueeze(2)).flatten()
-            v = (torch.bmm(w, cov) * w).sum(2).flatten().clamp_min(0)
-            if bias is not None:
-                m = m + bias.to(torch.float64)
-            out.append((m.to(torch.float32), v.to(torch.float32)))
-        return out
-
-
 def _level_chunks(todo: list[int], group: int) -> list[list[int]]:
     return [todo[i : i + group] for i in range(0, len(todo), group)] or [[]]
 
@@ -302,7 +251,7 @@ def _bn_stats(
     bn = runner.gm.get_submodule(runner.bn_node.target)
     starts = range(0, len(inputs), batch_size)
     first = runner.layer_input(runner.upstream(inputs[:batch_size]))
-    patches = _PatchMoments.of(runner.module, first, budget)
+    patches = PatchMoments.of(runner.module, first, budget)
     if patches is not None:  # moments from the layer's input: no pass per level
         for start in starts:
             patches.add(runner.layer_input(runner.upstream(inputs[start : start + batch_size])))

@@ -43,7 +43,9 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     )
     try:
         paths = io.Paths(Path(args.root))
-        body(io.read_params(paths.params), paths)
+        params = io.read_params(paths.params)
+        resolve_device(params.device)  # no device, no work: fail before reading anything else
+        body(params, paths)
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
