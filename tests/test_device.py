@@ -44,6 +44,24 @@ def test_gpu_index_out_of_range(monkeypatch):
         resolve_device("cuda:2")
 
 
+def test_cuda_resolves_to_the_first_gpu_with_tf32_off(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    matmul = torch.backends.cuda.matmul.allow_tf32
+    cudnn = {k: getattr(torch.backends.cudnn, k) for k in ("allow_tf32", "deterministic")}
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+        assert resolve_device("cuda") == torch.device("cuda:0")
+        assert resolve_device("cuda:1") == torch.device("cuda:1")
+        assert resolve_device("auto") == torch.device("cuda:0")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        assert not torch.backends.cudnn.allow_tf32 and torch.backends.cudnn.deterministic
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        for k, v in cudnn.items():
+            setattr(torch.backends.cudnn, k, v)
+
+
 @pytest.mark.parametrize("bad", ["gpu", "CUDA", "cuda:", "cuda:x", "cuda:0 ", "cpu:0"])
 def test_bad_device_strings_are_rejected_by_the_params(bad):
     with pytest.raises(PipelineError, match=r"^device = .* allowed: auto, cpu, cuda, cuda:N$"):
