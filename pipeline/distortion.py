@@ -194,8 +194,9 @@ def profile_fast(
         )
     except torch.OutOfMemoryError as exc:  # a RuntimeError, but no reason for the slow engine
         raise PipelineError(
-            f"profile layer {layer}: out of GPU memory even with one level per pass "
-            f"({str(exc).splitlines()[0]}); allowed: a smaller profile.batch_size"
+            f"profile layer {layer}: out of GPU memory with one level per pass or outside the "
+            f"batched passes ({str(exc).splitlines()[0]}); allowed: a smaller "
+            "profile.batch_size or profile.memory_mb"
         ) from None
     except (NotTraceable, _SuffixMismatch, RuntimeError) as exc:
         log.warning(
@@ -250,11 +251,14 @@ def _bn_stats(
     weight = runner.module.weight.detach()
     bn = runner.gm.get_submodule(runner.bn_node.target)
     starts = range(0, len(inputs), batch_size)
-    first = runner.layer_input(runner.upstream(inputs[:batch_size]))
-    patches = PatchMoments.of(runner.module, first, budget)
-    if patches is not None:  # moments from the layer's input: no pass per level
-        for start in starts:
-            patches.add(runner.layer_input(runner.upstream(inputs[start : start + batch_size])))
+    patches = None  # moments from the layer's input, when supported: no pass per level
+    for start in starts:
+        inp = runner.layer_input(runner.upstream(inputs[start : start + batch_size]))
+        patches = PatchMoments.of(runner.module, inp, budget) if start == 0 else patches
+        if patches is None:
+            break
+        patches.add(inp)
+    if patches is not None:
         dense, *levels = patches.stats([weight, *(pruned(j) for j in todo)])
         return {j: BN_RULES[rule](bn, dense, m) for j, m in zip(todo, levels, strict=True)}
     moments = {j: ChannelMoments() for j in [-1, *todo]}  # -1: the layer's current weight

@@ -210,7 +210,7 @@ def test_out_of_memory_with_one_level_per_pass_is_one_clear_error(monkeypatch):
     model = randomized(TinyResNet())
     inputs = torch.randn(8, 3, 8, 8)
     with pytest.raises(
-        PipelineError, match=r"^profile layer stem: out of GPU memory .*profile\.batch_size$"
+        PipelineError, match=r"^profile layer stem: out of GPU memory .*profile\.memory_mb$"
     ):
         profile_layer(
             "stem", model=model, inputs=inputs, reference=predict_logits(model, inputs, 8),
