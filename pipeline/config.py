@@ -251,6 +251,7 @@ class TrackParams:
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
+    device: str = "auto"  # auto (a CUDA GPU if any, else CPU) | cpu | cuda | cuda:N
     model: ModelParams = field(default_factory=ModelParams)
     data: DataParams = field(default_factory=DataParams)
     baseline: TrainParams = field(default_factory=lambda: TrainParams(epochs=30))
@@ -263,6 +264,9 @@ class Params:
     track: TrackParams = field(default_factory=TrackParams)
 
     def validate(self) -> None:
+        from pipeline.device import check_device_name
+
+        check_device_name(self.device)
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if isinstance(section, TrainParams):

@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.device import model_device
+
 
 @contextmanager
 def torch_threads(n: int | None) -> Iterator[None]:
@@ -28,9 +30,16 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, inputs: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Eval-mode logits (N, classes) float32 for inputs (N, ...), computed in batches."""
+    """Eval-mode logits (N, classes) float32 for inputs (N, ...), computed in batches on the
+    model's device; the logits come back on the inputs' device."""
     model.eval()
-    return torch.cat([model(inputs[i : i + batch_size]) for i in range(0, len(inputs), batch_size)])
+    device = model_device(model)
+    return torch.cat(
+        [
+            model(inputs[i : i + batch_size].to(device)).to(inputs.device)
+            for i in range(0, len(inputs), batch_size)
+        ]
+    )
 
 
 def per_sample_distortion(logits: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
@@ -50,10 +59,11 @@ def output_distortion(logits: torch.Tensor, reference: torch.Tensor) -> tuple[fl
 
 @torch.no_grad()
 def accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256) -> float:
-    """Top-1 accuracy as a fraction in [0, 1]."""
+    """Top-1 accuracy as a fraction in [0, 1], computed on the model's device."""
     model.eval()
+    device = model_device(model)
     correct = total = 0
     for x, y in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        correct += int((model(x).argmax(dim=1) == y).sum())
+        correct += int((model(x.to(device)).argmax(dim=1).cpu() == y).sum())
         total += len(y)
     return correct / total

@@ -7,6 +7,8 @@ import math
 import torch
 from torch import nn
 
+from pipeline.device import model_device
+
 # Every Conv1d/2d/3d and Linear weight is prunable, first and last layer included.
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
@@ -42,7 +44,7 @@ def macs_per_weight(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
     handles = [m.register_forward_hook(hook(name)) for name, m in prunable_layers(model)]
     try:
         model.eval()
-        model(sample[:1])
+        model(sample[:1].to(model_device(model)))
     finally:
         for h in handles:
             h.remove()

@@ -48,7 +48,7 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the weights that ``masks`` (layer name -> mask) drop, in place."""
     modules = dict(model.named_modules())
     for name, mask in masks.items():
-        modules[name].weight.mul_(mask.to(modules[name].weight.dtype))
+        modules[name].weight.mul_(mask.to(modules[name].weight))  # its dtype and device
 
 
 def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:

@@ -77,6 +77,13 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
+def _task_device(shared: Mapping[str, Any], device_arg: str | None, assigned: str | None) -> str:
+    """Where a task runs: the CPU if the user's ``device`` says so; under Ray, where Ray put
+    the task (``assigned``); in process, the device the user asked for."""
+    requested = shared.get(device_arg, "auto") if device_arg else "cpu"
+    return "cpu" if requested == "cpu" else (assigned or requested)
+
+
 def _call(
     fn: Callable[..., T], item: Any, shared: Mapping[str, Any], device_arg: str | None, device: str
 ) -> T:
@@ -92,7 +99,7 @@ def _serial(
     params: RayParams,
     device_arg: str | None,
 ) -> TaskRun[T]:
-    device = task_device(())
+    device = _task_device(shared, device_arg, None)
     here = Placement("local", "127.0.0.1", (), device, os.getpid())
     results = []
     for item in tqdm(items, desc=desc, unit="unit"):
@@ -327,7 +334,7 @@ def _ray_task(
     import ray
 
     gpu_ids = tuple(str(g) for g in ray.get_gpu_ids())
-    device = task_device(gpu_ids)
+    device = _task_device(shared, device_arg, task_device(gpu_ids))
     result = _call(fn, item, shared, device_arg, device)
     node = ray.get_runtime_context().get_node_id()
     return result, Placement(node, ray.util.get_node_ip_address(), gpu_ids, device, os.getpid())

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import ctypes
 import logging
 import os
@@ -31,6 +32,7 @@ from pipeline.allocation import (
 )
 from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
+from pipeline.device import resolve_device
 from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.errors import PipelineError
 from pipeline.evaluation import predict_logits
@@ -122,6 +124,7 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     try:
         paths = io.Paths(Path(args.root))
         params = io.read_params(paths.params)
+        resolve_device(params.device)  # no device, no work: fail before reading anything else
         start = time.perf_counter()
         body(params, paths)
         io.write_metrics(paths.timing(name), {"seconds": round(time.perf_counter() - start, 3)})
@@ -131,14 +134,22 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     return 0
 
 
+def stage_device(params: Params) -> torch.device:
+    """The torch device the ``device`` param names here (one clear error if there is none)."""
+    device = resolve_device(params.device)
+    log.info("device: %s (device = %s)", device, params.device)
+    return device
+
+
 def load_model(
     params: Params, path: Path, in_channels: int, num_classes: int, what: str
 ) -> nn.Module:
-    """The registry's ``model.arch`` with the weights of checkpoint ``path``, in eval mode."""
+    """The registry's ``model.arch`` with the weights of checkpoint ``path`` (read onto the
+    CPU), on the ``device`` param's device, in eval mode."""
     model = build_model(params.model.arch, in_channels, num_classes)
     state = normalize_state_dict(io.read_checkpoint(path, what), str(path))
     load_weights(model, state, str(path), params.model.arch)
-    return model.eval()
+    return model.to(stage_device(params)).eval()
 
 
 def profile_curves(
@@ -153,7 +164,8 @@ def profile_curves(
 
     inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits. The units
     depend on the model and params only, so the table is the same on every backend and
-    cluster. ``placements``, if given, receives where each unit ran (in unit order).
+    cluster. ``placements``, if given, receives where each unit ran (in unit order). Each
+    task runs on the ``device`` param's device, or on the GPU Ray assigned it.
     """
     numel = prunable_numel(model)
     macs = macs_per_weight(model, inputs[:1])
@@ -163,15 +175,16 @@ def profile_curves(
     check_share = min(1.0, params.profile.batch_size / len(inputs))
     costs = layer_costs(numel, macs, params.profile.engine, bn_mode is not None, check_share)
     units = plan_units(costs, levels, params.ray.work_units)
-    shared = {
-        "model": model,
-        "inputs": inputs,
-        "reference": reference,
+    shared = {  # shipped from the CPU: each task moves them to the device it runs on
+        "model": copy.deepcopy(model).cpu(),
+        "inputs": inputs.cpu(),
+        "reference": reference.cpu(),
         "sparsities": grid,
         "batch_size": params.profile.batch_size,
         "threads": params.profile.threads,
         "engine": params.profile.engine,
         "memory_mb": params.profile.memory_mb,
+        "device": params.device,
         "bn_correction": bn_mode,
     }
     run = run_tasks(
@@ -217,7 +230,7 @@ def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Modul
         targets=params.allocate.targets(params.prune.ratio),
         lo=lo,
         hi=hi,
-        magnitudes=[weights[n].abs().flatten().numpy() for n in curves.layers],
+        magnitudes=[weights[n].abs().flatten().cpu().numpy() for n in curves.layers],
         shapes=[tuple(weights[n].shape) for n in curves.layers],
     )
 

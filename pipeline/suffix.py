@@ -113,12 +113,17 @@ class SuffixRunner:
                     env.pop(a, None)
         return {n: env[n] for n in keep}
 
+    def layer_input(self, frontier: dict[fx.Node, Any]) -> torch.Tensor:
+        """The layer's input (N, ...) on the batch of ``frontier`` (single call site only)."""
+        (inp,) = _map(self.sites[0].args, frontier.__getitem__)
+        return inp
+
     @torch.no_grad()
     def layer_outputs(
         self, frontier: dict[fx.Node, Any], weights: list[torch.Tensor]
     ) -> list[torch.Tensor]:
         """The layer's output (N, C, ...) for each candidate weight (single call site only)."""
-        (inp,) = _map(self.sites[0].args, frontier.__getitem__)
+        inp = self.layer_input(frontier)
         return [functional_call(self.module, {"weight": w}, (inp,)) for w in weights]
 
     def _batch_norm(self, node: fx.Node, x: torch.Tensor, stats: list, groups: int) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from pipeline.config import TrainParams
+from pipeline.device import model_device
 
 
 @dataclass(frozen=True)
@@ -25,7 +26,8 @@ def _masked_params(
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     modules = dict(model.named_modules())
     return [
-        (modules[name].weight, mask.to(modules[name].weight.dtype)) for name, mask in masks.items()
+        (modules[name].weight, mask.to(modules[name].weight))  # the weight's dtype and device
+        for name, mask in masks.items()
     ]
 
 
@@ -43,8 +45,10 @@ def train(
 
     With ``masks`` (layer name -> bool mask, True = keep) the pruned weights stay exactly zero:
     their gradients are zeroed before each step, so momentum buffers and weight decay never
-    move them, and the weights are re-masked after each step. Progress shows live: a bar over
-    each epoch's batches (``desc``), and ``on_epoch`` receives each epoch's stats as it ends.
+    move them, and the weights are re-masked after each step. Runs on the model's device;
+    batches are moved there (shuffling stays on the CPU generator, so the order is the same
+    on every device). Progress shows live: a bar over each epoch's batches (``desc``), and
+    ``on_epoch`` receives each epoch's stats as it ends.
     """
     torch.manual_seed(seed)
     loader = DataLoader(
@@ -58,6 +62,7 @@ def train(
     )
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, params.epochs))
     masked = _masked_params(model, masks or {})
+    device = model_device(model)
     loss_fn = nn.CrossEntropyLoss()
     history = []
     for epoch in range(1, params.epochs + 1):
@@ -66,6 +71,7 @@ def train(
         for x, y in tqdm(
             loader, desc=f"{desc} epoch {epoch}/{params.epochs}", leave=False, mininterval=1.0
         ):
+            x, y = x.to(device), y.to(device)
             optimizer.zero_grad(set_to_none=False)
             loss = loss_fn(model(x), y)
             loss.backward()

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from pipeline.device import model_device, resolve_device
 from pipeline.distortion import profile_layer
 
 
@@ -118,10 +119,11 @@ def profile_unit(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``profile_layer`` on the unit's levels, on ``device``: (mean, max), each
     (stop - start,) float64. ``options``: the other ``profile_layer`` keywords."""
-    if device != "cpu":
+    target = resolve_device(device)  # "auto" and "cuda" resolve where the task runs
+    if target != model_device(model):
         # a copy: in process (serial backend) the caller's model must stay where it is
-        model = copy.deepcopy(model).to(device)
-        inputs, reference = inputs.to(device), reference.to(device)
+        model = copy.deepcopy(model).to(target)
+        inputs, reference = inputs.to(target), reference.to(target)
     return profile_layer(
         unit.layer,
         model=model,

@@ -12,7 +12,7 @@ from pipeline.config import Params
 from pipeline.data import load_dataset
 from pipeline.evaluation import accuracy
 from pipeline.models import build_model, load_weights, normalize_state_dict
-from pipeline.stage import log, log_epoch, run_stage
+from pipeline.stage import log, log_epoch, run_stage, stage_device
 from pipeline.training import train
 
 
@@ -20,6 +20,7 @@ def run(params: Params, paths: io.Paths) -> None:
     splits = load_dataset(params.data)
     torch.manual_seed(params.seed)  # seeded initialisation
     model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
+    model.to(stage_device(params))  # initialised on the CPU: the same weights on every device
     epochs = 0
     if params.model.checkpoint is None:
         history = train(
