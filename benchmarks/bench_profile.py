@@ -218,7 +218,7 @@ def load_resnet20(images: int, calib: Path | None):
         idx = np.random.default_rng(0).choice(len(ds), size=images, replace=False)
         inputs = torch.stack([ds[int(i)][0] for i in idx])
     model = build_model("cifar_resnet20", 3, 10)
-    load_weights(model, normalize_state_dict(state), "resnet20", "cifar_resnet20")
+    load_weights(model, normalize_state_dict(state, "resnet20"), "resnet20", "cifar_resnet20")
     return model, inputs
 
 
