@@ -41,6 +41,7 @@ from pipeline.models import build_model, load_weights, normalize_state_dict
 from pipeline.parallel import Placement, run_tasks
 from pipeline.progressive import progressive_allocation
 from pipeline.selection import select_measured
+from pipeline.tracking import RunRecord
 from pipeline.training import EpochStats
 from pipeline.workunits import assemble, layer_costs, plan_units, profile_unit
 
@@ -294,7 +295,7 @@ def log_epoch(stage: str) -> Callable[[EpochStats], None]:
 STAGES = ("validate", "baseline", "calibrate", "profile", "allocate", "prune", "finetune", "track")
 
 
-def result_record(params: Params, paths: io.Paths) -> dict[str, Any]:
+def result_record(params: Params, paths: io.Paths) -> RunRecord:
     """What the MLflow run of a pipeline result holds: every param, the headline metrics (the
     ratio too, so the UI charts accuracy against it), the fine-tuning curve as steps, the
     allocation as a table, the figures and tables as artifacts, and the stages' wall times."""
@@ -308,9 +309,9 @@ def result_record(params: Params, paths: io.Paths) -> dict[str, Any]:
         for s in STAGES
         if paths.timing(s).is_file()
     }
-    return {
-        "params": flatten(params),
-        "metrics": {
+    return RunRecord(
+        params=flatten(params),
+        metrics={
             "ratio": params.prune.ratio,
             "dense_accuracy": calibrate["dense_accuracy"],
             "prune_accuracy": prune["accuracy"],
@@ -321,11 +322,11 @@ def result_record(params: Params, paths: io.Paths) -> dict[str, Any]:
             "measured_distortion": prune["measured_distortion"],
             **timings,
         },
-        "steps": {
+        steps={
             "finetune_epoch_loss": [(int(h["epoch"]), float(h["loss"])) for h in history],
             "finetune_epoch_accuracy": [(int(h["epoch"]), float(h["accuracy"])) for h in history],
         },
-        "tables": {
+        tables={
             "allocation.json": {
                 "layer": allocation.layers,
                 "numel": allocation.numel.tolist(),
@@ -334,6 +335,6 @@ def result_record(params: Params, paths: io.Paths) -> dict[str, Any]:
                 "predicted_distortion": allocation.predicted_distortion.tolist(),
             }
         },
-        "artifacts": [paths.allocation, paths.pareto, *paths.figures()],
-        "tags": {"rdprune.stage": "track"},
-    }
+        artifacts=[paths.allocation, paths.pareto, *paths.figures()],
+        tags={"rdprune.stage": "track"},
+    )

@@ -13,6 +13,7 @@ import fcntl
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -107,28 +108,29 @@ def _add_exp_name(client: Any, run: Any, exp_name: str) -> None:
         client.set_tag(run.info.run_id, EXP_NAMES_TAG, ",".join(sorted(names | {exp_name})))
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """What one run holds. params: dotted params.yaml keys; metrics: final values; steps:
+    metric -> [(step, value)]; tables: artifact file -> column dict (the UI's table view);
+    artifacts: files copied as they are (figures as PNG); tags: extra run tags."""
+
+    params: Mapping[str, Any]
+    metrics: Mapping[str, float]
+    steps: Mapping[str, Sequence[tuple[int, float]]]
+    tables: Mapping[str, Mapping[str, list[Any]]]
+    artifacts: Sequence[Path]
+    tags: Mapping[str, str]
+
+
 def log_result(
-    *,
-    tracking_uri: str,
-    experiment: str,
-    key: str,
-    exp_name: str,
-    run_name: str,
-    params: Mapping[str, Any],
-    metrics: Mapping[str, float],
-    steps: Mapping[str, Sequence[tuple[int, float]]],
-    tables: Mapping[str, Mapping[str, list[Any]]],
-    artifacts: Sequence[Path],
-    tags: Mapping[str, str],
+    *, tracking_uri: str, experiment: str, key: str, exp_name: str, run_name: str, record: RunRecord
 ) -> tuple[str, str, bool]:
     """Find or create the one run of the result ``key``: (run id, experiment id, whether the
     run was created now).
 
     A finished run with this key gets ``exp_name`` added to its experiments and nothing else;
     runs of this key that never finished (interrupted, failed) are deleted, then the run is
-    logged anew. params: dotted params.yaml keys; metrics: final values; steps: metric ->
-    [(step, value)]; tables: artifact file -> column dict (the UI's table view); artifacts:
-    files copied as they are (figures as PNG).
+    logged anew from ``record``.
     """
     import mlflow
 
@@ -143,30 +145,12 @@ def log_result(
                 return run.info.run_id, experiment_id, False
         for run in runs:
             client.delete_run(run.info.run_id)
-        run_id = _log_run(
-            tracking_uri,
-            experiment_id,
-            run_name,
-            params,
-            metrics,
-            steps,
-            tables,
-            artifacts,
-            {**tags, RESULT_TAG: key, EXP_NAMES_TAG: exp_name},
-        )
-        return run_id, experiment_id, True
+        tags = {**record.tags, RESULT_TAG: key, EXP_NAMES_TAG: exp_name}
+        return _log_run(tracking_uri, experiment_id, run_name, record, tags), experiment_id, True
 
 
 def _log_run(
-    tracking_uri: str,
-    experiment_id: str,
-    run_name: str,
-    params: Mapping[str, Any],
-    metrics: Mapping[str, float],
-    steps: Mapping[str, Sequence[tuple[int, float]]],
-    tables: Mapping[str, Mapping[str, list[Any]]],
-    artifacts: Sequence[Path],
-    tags: Mapping[str, str],
+    tracking_uri: str, experiment_id: str, run_name: str, record: RunRecord, tags: dict[str, str]
 ) -> str:
     import mlflow
     from mlflow.entities import Metric, Param
@@ -174,15 +158,19 @@ def _log_run(
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     # on any exception, KeyboardInterrupt included, the run ends FAILED and a rerun replaces it
-    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=dict(tags)) as run:
+    with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         client.log_batch(
             run.info.run_id,
-            params=[Param(k, str(v)) for k, v in params.items()],
-            metrics=[Metric(k, float(v), 0, 0) for k, v in metrics.items()]
-            + [Metric(k, float(v), 0, step) for k, series in steps.items() for step, v in series],
+            params=[Param(k, str(v)) for k, v in record.params.items()],
+            metrics=[Metric(k, float(v), 0, 0) for k, v in record.metrics.items()]
+            + [
+                Metric(k, float(v), 0, step)
+                for k, series in record.steps.items()
+                for step, v in series
+            ],
         )
-        for name, table in tables.items():
+        for name, table in record.tables.items():
             mlflow.log_table(data=dict(table), artifact_file=name)
-        for path in artifacts:
+        for path in record.artifacts:
             mlflow.log_artifact(str(path))
         return run.info.run_id

@@ -25,7 +25,7 @@ def run(params: Params, paths: io.Paths) -> None:
         key=io.content_hash(paths.result_files()),
         exp_name=os.environ.get("DVC_EXP_NAME", ""),
         run_name=f"{params.allocate.method} ratio={params.prune.ratio:g}",
-        **record,
+        record=record,
     )
     log.info(
         "track: MLflow run %s (%s); in `mlflow ui`: #/experiments/%s?workflowType=machine_learning",
