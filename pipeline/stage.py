@@ -61,13 +61,6 @@ def _proc_stat(pid: int) -> tuple[str, int, int] | None:
     return comm, int(rest[1]), int(rest[19])  # fields 4 (ppid) and 22 (starttime) of proc(5)
 
 
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
-
-
 def _die_with_parent() -> None:
     """End this stage (SIGTERM, so it unwinds) when whatever launched it dies: a killed
     ``dvc repro`` must not leave its stage running as an orphan that later writes outputs.
@@ -85,9 +78,9 @@ def _die_with_parent() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         return
     launcher = stat[1] if stat[0] in SHELLS else parent
-    if "DVC_STAGE" in os.environ and b"dvc" not in _cmdline(launcher):
-        # DVC started this stage, but the shell's parent is no longer DVC: it died while this
-        # process was starting (the shell was handed to init or a subreaper)
+    if launcher == 1 and parent != launcher:
+        # the shell between us and our launcher was handed to init: the launcher died while
+        # this process was starting
         os.kill(os.getpid(), signal.SIGTERM)
         return
     started = (_proc_stat(launcher) or ("", 0, -1))[2]
@@ -101,7 +94,10 @@ def _die_with_parent() -> None:
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:
-    # SystemExit unwinds like Ctrl-C: atomic writes drop their temporary files, Ray shuts down
+    # SystemExit unwinds like Ctrl-C: atomic writes drop their temporary files, Ray shuts down,
+    # an MLflow run ends FAILED. Later SIGTERMs (the parent-death signal and the watchdog may
+    # both send one) are ignored, so that a second exit cannot cut that clean-up short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     raise SystemExit(128 + signum)
 
 

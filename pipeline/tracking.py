@@ -70,11 +70,15 @@ EXP_NAMES_TAG = "dvc.exp_names"  # comma-separated DVC experiments that produced
 def check_store(uri: str, timeout: float = 5.0) -> None:
     """Fail in seconds, before any expensive work, when the store cannot be used.
 
-    sqlite: its directory must exist or be creatable, and be writable; http(s): the server
-    must answer its ``/health`` endpoint. Raises ``OSError`` with the reason.
+    sqlite: an absolute path whose directory exists or can be made, and can be written;
+    http(s): the server answers its ``/health`` endpoint with ``OK``. Raises ``OSError`` with
+    the reason. Other stores are tried by ``check_experiment``.
     """
     if uri.startswith("sqlite:///"):
-        folder = Path(uri.removeprefix("sqlite:///")).parent
+        path = uri.removeprefix("sqlite:///")
+        if not path.startswith("/"):  # a queued DVC experiment runs in a copy of the project
+            raise OSError("a relative sqlite path depends on the working directory")
+        folder = Path(path).parent
         existing = next(p for p in (folder, *folder.parents) if p.exists())
         try:  # a real write: permission bits say nothing of /proc or read-only mounts
             with tempfile.TemporaryFile(dir=existing):
@@ -86,8 +90,39 @@ def check_store(uri: str, timeout: float = 5.0) -> None:
 
         url = uri.rstrip("/") + "/health"
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310
-            if response.status != 200:
-                raise OSError(f"{url} answered HTTP {response.status}")
+            body = response.read(64).strip()
+            if response.status != 200 or body != b"OK":
+                raise OSError(f"{url} does not answer as an MLflow server")
+
+
+def check_experiment(uri: str, experiment: str, timeout: float = 60.0) -> None:
+    """The store answers an MLflow client within ``timeout`` seconds, and ``experiment`` is
+    not deleted there. ``OSError``: the store; ``ValueError``: the experiment."""
+    import threading
+
+    outcome: list[BaseException | None] = []
+
+    def ask() -> None:
+        try:
+            import mlflow
+
+            with _store_lock(uri):  # a fresh sqlite store is created here, once
+                found = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name(experiment)
+            if found is not None and found.lifecycle_stage == "deleted":
+                outcome.append(ValueError(f"experiment {experiment!r} is deleted in {uri}"))
+            else:
+                outcome.append(None)
+        except Exception as exc:  # any store's failure, in whatever type its client raises
+            text = str(exc).strip().splitlines()
+            outcome.append(OSError(f"{type(exc).__name__}: {text[0] if text else ''}"))
+
+    worker = threading.Thread(target=ask, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise OSError(f"no answer within {timeout:g} s")
+    if outcome[0] is not None:
+        raise outcome[0]
 
 
 def _experiment_id(client: Any, uri: str, experiment: str) -> str:

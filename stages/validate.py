@@ -18,15 +18,22 @@ from pipeline.stage import log, run_stage
 
 
 def check_tracking_store(params: Params, paths: io.Paths) -> str:
-    """The MLflow store's URI, after checking within seconds that it can be used."""
+    """The MLflow store's URI, after checking that it can be used and that the experiment is
+    not deleted there (seconds for a bad path or an unreachable server)."""
     uri = tracking.resolve_tracking_uri(params.track.tracking_uri, paths.root)
+    source = "" if params.track.tracking_uri else " (from $MLFLOW_TRACKING_URI or the default)"
     try:
         tracking.check_store(uri)
+        tracking.check_experiment(uri, params.track.experiment)
     except OSError as exc:
-        source = "" if params.track.tracking_uri else " (from $MLFLOW_TRACKING_URI or the default)"
         raise PipelineError(
-            f"track.tracking_uri = {uri!r}{source} cannot be used: {exc}; allowed: a writable "
-            "sqlite:/// path or a running MLflow server"
+            f"track.tracking_uri = {uri!r}{source} cannot be used: {exc}; allowed: "
+            "sqlite:////absolute/path.db (writable) or the URL of a running MLflow server"
+        ) from None
+    except ValueError as exc:
+        raise PipelineError(
+            f"track.experiment = {params.track.experiment!r}: {exc}; allowed: an active "
+            "experiment or a new name (or `mlflow experiments restore`)"
         ) from None
     return uri
 

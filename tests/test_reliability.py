@@ -141,15 +141,20 @@ def test_interrupted_logging_leaves_no_run_and_a_rerun_logs_it_once(project, tmp
 
 # ------------------------------------------------------------------ the store, checked first
 class NotMlflow(http.server.BaseHTTPRequestHandler):
+    """A web server that is not MLflow, though it serves a file at /health."""
+
     def do_GET(self):  # noqa: N802
-        self.send_response(404)
+        body = b"a file named health"
+        self.send_response(200 if self.path == "/health" else 404)
+        self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        self.wfile.write(body)
 
     def log_message(self, *args):
         pass
 
 
-@pytest.mark.parametrize("kind", ["proc", "refused", "not-mlflow"])
+@pytest.mark.parametrize("kind", ["proc", "relative", "refused", "not-mlflow", "bogus"])
 def test_unusable_tracking_store_is_one_line_at_the_start(project, tmp_path, capsys, kind):
     server = None
     if kind == "not-mlflow":
@@ -157,8 +162,10 @@ def test_unusable_tracking_store_is_one_line_at_the_start(project, tmp_path, cap
         threading.Thread(target=server.serve_forever, daemon=True).start()
     uri = {
         "proc": "sqlite:////proc/x.db",
+        "relative": "sqlite:///rel/x.db",
         "refused": "http://127.0.0.1:1",
         "not-mlflow": f"http://127.0.0.1:{server.server_port if server else 0}",
+        "bogus": "bogus://x",
     }[kind]
     paths = copy_project(project, tmp_path / kind)
     write_params(paths.root)
@@ -166,11 +173,27 @@ def test_unusable_tracking_store_is_one_line_at_the_start(project, tmp_path, cap
     paths.params.write_text(text)
     start = time.monotonic()
     assert validate.main(["--root", str(paths.root)]) == 2
-    assert time.monotonic() - start < 10
+    assert time.monotonic() - start < 20
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: track.tracking_uri = '{uri}'")
+    assert not (paths.root / "rel").exists()  # nothing written where it should not be
     if server:
         server.shutdown()
+
+
+def test_a_deleted_experiment_is_one_line_at_the_start(project, tmp_path, capsys):
+    import mlflow
+
+    paths = copy_project(project, tmp_path / "deleted", track={"experiment": "gone"})
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{paths.root / 'mlflow.db'}")
+    client.delete_experiment(client.create_experiment("gone"))
+    assert validate.main(["--root", str(paths.root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"error: track.experiment = 'gone': experiment 'gone' is deleted in "
+        f"sqlite:///{paths.root / 'mlflow.db'}; allowed: an active experiment or a new name "
+        "(or `mlflow experiments restore`)"
+    ]
 
 
 # ------------------------------------------------------------------ readers reject clearly
@@ -299,3 +322,21 @@ def test_tracking_uri_resolution_and_project_root(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000")
     assert tracking.resolve_tracking_uri(None, queued) == "http://mlflow.example:5000"
     assert tracking.resolve_tracking_uri("sqlite:////x.db", queued) == "sqlite:////x.db"
+
+
+def test_a_second_sigterm_cannot_cut_the_clean_up_short():
+    """The parent-death signal and the watchdog may both send SIGTERM: the first unwinds the
+    stage, later ones are ignored while it cleans up (e.g. ends its MLflow run FAILED)."""
+    import signal
+
+    from pipeline.stage import _raise_on_sigterm
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        with pytest.raises(SystemExit) as info:
+            _raise_on_sigterm(signal.SIGTERM, None)
+        assert info.value.code == 128 + signal.SIGTERM
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)
