@@ -3,9 +3,13 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
 
+from pipeline.evaluation import predict_logits
+from pipeline.models import build_model
 from stages import allocate, baseline, calibrate, finetune, profile, prune, track, validate
 
 STAGES = [validate, baseline, calibrate, profile, allocate, prune, finetune, track]
@@ -34,3 +38,17 @@ def project(tmp_path_factory) -> Path:
     for stage in STAGES:
         assert stage.main(["--root", str(root)]) == 0, stage.__name__
     return root
+
+
+def tiny_profile_task() -> dict:
+    """The shared keywords of a profiling task on the (random) digits CNN: 4 inputs, 5 levels."""
+    model = build_model("digits_cnn", 1, 10)
+    inputs = torch.randn(4, 1, 8, 8)
+    return {
+        "model": model,
+        "inputs": inputs,
+        "reference": predict_logits(model, inputs, 4),
+        "sparsities": np.linspace(0, 1, 5),
+        "batch_size": 4,
+        "threads": 1,
+    }

@@ -1,7 +1,6 @@
 """Serial and Ray backends: same tables, byte for byte; a failing task is one error naming
 its unit. Starts one real local Ray instance for the module."""
 
-import numpy as np
 import pytest
 import ray
 import torch
@@ -15,6 +14,7 @@ from pipeline.layers import prunable_numel
 from pipeline.models import build_model
 from pipeline.parallel import map_tasks, probe, run_tasks
 from pipeline.workunits import WorkUnit, profile_unit
+from tests.conftest import tiny_profile_task
 
 
 def _square(x: int, *, offset: int) -> int:
@@ -72,16 +72,7 @@ def test_bad_cluster_address_fails_fast(address):
 
 
 def test_a_failing_ray_task_is_one_error_naming_its_unit(ray_local):
-    model = build_model("digits_cnn", 1, 10)
-    inputs = torch.randn(4, 1, 8, 8)
-    shared = {
-        "model": model,
-        "inputs": inputs,
-        "reference": predict_logits(model, inputs, 4),
-        "sparsities": np.linspace(0, 1, 5),
-        "batch_size": 4,
-        "threads": 1,
-    }
+    shared = tiny_profile_task()
     units = [WorkUnit("conv1", 0, 0, 5, 2.0), WorkUnit("no_such_layer", 1, 2, 5, 1.0)]
     with pytest.raises(PipelineError) as error:
         run_tasks(profile_unit, units, shared=shared, params=RayParams(), desc="profile")

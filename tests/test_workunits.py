@@ -11,10 +11,10 @@ from pipeline import io
 from pipeline.config import Params, RayParams
 from pipeline.errors import PipelineError
 from pipeline.evaluation import predict_logits
-from pipeline.models import build_model
 from pipeline.parallel import run_tasks
 from pipeline.stage import profile_curves
 from pipeline.workunits import WorkUnit, assemble, layer_costs, plan_units, profile_unit
+from tests.conftest import tiny_profile_task
 from tests.models_zoo import TinyResNet, randomized
 
 NUMEL = {"a": 100, "b": 100, "c": 10}
@@ -75,16 +75,7 @@ def test_table_is_the_same_whatever_the_split(tmp_path):
 
 
 def test_a_failing_unit_is_one_error_naming_layer_and_levels():
-    model = build_model("digits_cnn", 1, 10)
-    inputs = torch.randn(4, 1, 8, 8)
-    shared = {
-        "model": model,
-        "inputs": inputs,
-        "reference": predict_logits(model, inputs, 4),
-        "sparsities": np.linspace(0, 1, 5),
-        "batch_size": 4,
-        "threads": 1,
-    }
+    shared = tiny_profile_task()
     unit = WorkUnit("no_such_layer", 0, 2, 5, 1.0)
     with pytest.raises(PipelineError, match=r"^profile: layer 'no_such_layer' levels 2-4 failed"):
         run_tasks(
