@@ -46,6 +46,11 @@ class Problem:
     targets: measure -> ratio removed, e.g. {"params": 0.8} or {"params": 0.8, "flops": 0.5}.
     lo, hi: (L,) float64 min / max sparsity per layer. magnitudes: per layer |w| flattened
     (global, LAMP); shapes: per layer weight shape (ERK).
+
+    base_numel: (L,) int64 layer sizes the targets and the density allocators refer to, when
+    the curves cover only part of each layer: in an iterative round the curves' ``numel`` are
+    the weights still non-zero, while a ratio and a uniform or ERK density are of whole
+    layers. None: the curves' ``numel``.
     """
 
     curves: DistortionCurves
@@ -55,6 +60,12 @@ class Problem:
     hi: np.ndarray
     magnitudes: Sequence[np.ndarray] | None = None
     shapes: Sequence[tuple[int, ...]] | None = None
+    base_numel: np.ndarray | None = None
+
+    @property
+    def sizes(self) -> np.ndarray:
+        """(L,) int64 whole-layer sizes: ``base_numel``, else the curves' ``numel``."""
+        return self.curves.numel if self.base_numel is None else self.base_numel
 
     @property
     def unit_costs(self) -> dict[str, np.ndarray]:
@@ -66,8 +77,7 @@ class Problem:
         """measure -> the largest kept amount that meets the target."""
         unit = self.unit_costs
         return {
-            m: kept_budget(r, int((unit[m] * self.curves.numel).sum()))
-            for m, r in self.targets.items()
+            m: kept_budget(r, int((unit[m] * self.sizes).sum())) for m, r in self.targets.items()
         }
 
     def kept_bounds(self) -> tuple[np.ndarray, np.ndarray]:
@@ -535,7 +545,7 @@ def _density_allocator(
 
     def run(problem: Problem) -> tuple[np.ndarray, float]:
         fewest, most = problem.kept_bounds()
-        numel = problem.curves.numel
+        numel = problem.sizes  # densities are of whole layers; masks only grow (``most``)
 
         def kept_at(x: float) -> np.ndarray:
             d = np.clip(density(problem, x), 0.0, 1.0)
@@ -610,6 +620,7 @@ ALLOCATORS: dict[str, Allocator] = {
     "global": _score_allocator(lambda m: m),
     "lamp": _score_allocator(_lamp_scores),
 }
+NEEDS_CURVES = frozenset({"rd"})  # the methods that read the profiled curves
 
 
 def predicted_distortion(curves: DistortionCurves, kind: str, kept: np.ndarray) -> np.ndarray:
@@ -636,8 +647,14 @@ def allocate(method: str, problem: Problem) -> Allocation:
         raise PipelineError(
             f"cannot meet {targets} with allocate.method = {method!r}: {exc}"
         ) from None
+    return describe(problem, kept, lower)
+
+
+def describe(problem: Problem, kept: np.ndarray, lower: float = float("nan")) -> Allocation:
+    """The ``Allocation`` of ``kept`` (L,) weights per layer on ``problem``'s curves."""
+    curves = problem.curves
     kept = kept.astype(np.int64)
-    sparsity = 1 - kept / curves.numel
+    sparsity = 1 - kept / np.maximum(curves.numel, 1)  # a layer with no weights left: 1
     return Allocation(
         layers=list(curves.layers),
         numel=curves.numel.astype(np.int64),
@@ -648,6 +665,47 @@ def allocate(method: str, problem: Problem) -> Allocation:
         predicted_distortion=predicted_distortion(curves, problem.kind, kept),
         lower_bound=lower,
     )
+
+
+def spend_slack(problem: Problem, allocation: Allocation) -> Allocation:
+    """Give back the weights a grid allocation leaves unspent under a single budget.
+
+    A grid solution keeps up to one level's worth of weights fewer than the budget allows.
+    Repeatedly, the layer whose profiled curve (linear between grid points, as
+    ``predicted_distortion``) falls most per unit of cost towards its next denser grid point
+    gets weights back, until the budget is met exactly or every layer is at its limit. The
+    predicted distortion never rises, and the sparsity reached is the target's. Two budgets:
+    returned unchanged.
+    """
+    if len(problem.targets) != 1:
+        return allocation
+    (measure,) = problem.targets
+    unit = problem.unit_costs[measure]
+    slack = problem.budgets()[measure] - int((allocation.kept * unit).sum())
+    grid_kept, curve = problem.curves.kept(), problem.curves.curve(problem.kind)
+    _, most = problem.kept_bounds()
+    kept = allocation.kept.copy()
+
+    def at(layer: int, k: float) -> float:
+        return float(np.interp(k, grid_kept[layer][::-1], curve[layer][::-1]))
+
+    while slack > 0:
+        best = None  # (fall per unit of cost, layer, kept count to move to)
+        for i in range(len(kept)):
+            denser = grid_kept[i][grid_kept[i] > kept[i]]
+            if kept[i] >= most[i] or unit[i] > slack or not len(denser):
+                continue
+            to = min(int(denser.min()), int(most[i]))
+            fall = (at(i, kept[i]) - at(i, to)) / ((to - kept[i]) * unit[i])
+            if best is None or fall > best[0]:
+                best = (fall, i, to)
+        if best is None:
+            break
+        _, i, to = best
+        add = min(to - int(kept[i]), slack // int(unit[i]))
+        kept[i] += add
+        slack -= add * int(unit[i])
+    return describe(problem, kept)  # the grid optimum's bound no longer applies
 
 
 def pareto_front(

@@ -199,6 +199,23 @@ class PruneParams:
 
 
 @dataclass(frozen=True)
+class ScheduleParams:
+    """Iterative pruning (pipeline/schedule.py): round k reaches 1 - (1 - amount)^k."""
+
+    rounds: int = 0  # 0: one-shot only (the prune and finetune stages)
+    amount: float = 0.2  # fraction of the remaining weights (MACs with budget flops) per round
+    epochs: int = 2  # masked retraining epochs per round (finetune's lr, batch, momentum, decay)
+
+    def validate(self) -> None:
+        if self.rounds < 0:
+            raise _fail("schedule.rounds", self.rounds, "a whole number >= 0 (0: one-shot)")
+        if not 0 < self.amount < 1:
+            raise _fail("schedule.amount", self.amount, "a fraction in (0, 1)")
+        if self.epochs < 0:
+            raise _fail("schedule.epochs", self.epochs, "an integer >= 0")
+
+
+@dataclass(frozen=True)
 class RayParams:
     backend: str = "ray"
     address: str | None = None  # null: private local instance (or $RAY_ADDRESS); else a cluster
@@ -260,6 +277,7 @@ class Params:
     allocate: AllocateParams = field(default_factory=AllocateParams)
     prune: PruneParams = field(default_factory=PruneParams)
     finetune: TrainParams = field(default_factory=lambda: TrainParams(epochs=10, lr=0.01))
+    schedule: ScheduleParams = field(default_factory=ScheduleParams)
     ray: RayParams = field(default_factory=RayParams)
     track: TrackParams = field(default_factory=TrackParams)
 
@@ -280,6 +298,26 @@ class Params:
                 "false when prune.bn_recalibration is 0 (the curves model the prune stage's "
                 "BatchNorm recalibration)",
             )
+
+        if self.schedule.rounds:
+            self._check_schedule()
+
+    def _check_schedule(self) -> None:
+        """What an iterative schedule cannot do (one clear error each)."""
+        if self.allocate.budget == "both":
+            raise _fail(
+                "allocate.budget",
+                "both",
+                "params or flops when schedule.rounds > 0 (a round "
+                "removes schedule.amount of one measure)",
+            )
+        if self.allocate.steps != 1:
+            raise _fail("allocate.steps", self.allocate.steps, "1 when schedule.rounds > 0")
+
+    @property
+    def retrain(self) -> TrainParams:
+        """The schedule's per-round retraining: finetune's recipe for ``schedule.epochs``."""
+        return dataclasses.replace(self.finetune, epochs=self.schedule.epochs)
 
     @property
     def curve_bn_rule(self) -> str | None:

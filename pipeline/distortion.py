@@ -105,8 +105,11 @@ class DistortionCurves:
                 )
 
 
-def _grid_counts(numel: int, sparsities: np.ndarray) -> list[int]:
-    return [pruned_count(numel, float(s)) for s in sparsities]
+def _grid_counts(weight: torch.Tensor, sparsities: np.ndarray, of_remaining: bool) -> list[int]:
+    """Weights zeroed per level. ``of_remaining``: a level's sparsity is the fraction of the
+    layer's non-zero weights pruned, on top of its zeros (an iterative round's grid)."""
+    zeros = int((weight == 0).sum()) if of_remaining else 0
+    return [zeros + pruned_count(weight.numel() - zeros, float(s)) for s in sparsities]
 
 
 @torch.no_grad()
@@ -119,6 +122,7 @@ def profile_naive(
     batch_size: int,
     memory_mb: int,
     bn_correction: str | None = None,
+    of_remaining: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper's algorithm: one full forward pass of the calibration set per level. With
     ``bn_correction``, what the consuming BatchNorm receives is measured first (one pass up to
@@ -149,7 +153,7 @@ def profile_naive(
     means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     zeros = int((original == 0).sum())
     try:
-        for j, k in enumerate(_grid_counts(original.numel(), sparsities)):
+        for j, k in enumerate(_grid_counts(original, sparsities, of_remaining)):
             if k <= zeros:
                 continue  # only zeros pruned: the network is unchanged, distortion is 0
             weight.copy_(original * mask_pruning(original, k))
@@ -180,6 +184,7 @@ def profile_fast(
     batch_size: int,
     memory_mb: int,
     bn_correction: str | None = None,
+    of_remaining: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Suffix-only recomputation (see suffix.py), several levels per batched pass, on the
     model's device.
@@ -192,7 +197,14 @@ def profile_fast(
     try:
         runner = SuffixRunner(model, layer)
         return _profile_suffix(
-            runner, inputs, reference, sparsities, batch_size, memory_mb, bn_correction
+            runner,
+            inputs,
+            reference,
+            sparsities,
+            batch_size,
+            memory_mb,
+            bn_correction,
+            of_remaining,
         )
     except torch.OutOfMemoryError as exc:  # a RuntimeError, but no reason for the slow engine
         raise PipelineError(
@@ -205,7 +217,15 @@ def profile_fast(
             "profile layer %s: fast engine unavailable (%s); using full forward passes", layer, exc
         )
         return profile_naive(
-            layer, model, inputs, reference, sparsities, batch_size, memory_mb, bn_correction
+            layer,
+            model,
+            inputs,
+            reference,
+            sparsities,
+            batch_size,
+            memory_mb,
+            bn_correction,
+            of_remaining,
         )
 
 
@@ -285,10 +305,11 @@ def _profile_suffix(
     batch_size: int,
     memory_mb: int,
     bn_correction: str | None,
+    of_remaining: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     weight = runner.module.weight.detach()
     inputs, reference = inputs.to(weight.device), reference.to(weight.device)
-    counts = _grid_counts(weight.numel(), sparsities)
+    counts = _grid_counts(weight, sparsities, of_remaining)
     # Pruning only weights that are already zero leaves the network unchanged: distortion 0.
     zeros = int((weight == 0).sum())
     todo = [j for j, k in enumerate(counts) if k > zeros]
@@ -360,6 +381,7 @@ def profile_layer(
     memory_mb: int = 64,
     bn_correction: str | None = None,
     device: str | None = None,
+    of_remaining: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distortion curve of one layer: (mean, max), each (K,) float64 over ``sparsities``.
 
@@ -369,12 +391,22 @@ def profile_layer(
     statistics of the BatchNorm consuming the layer from the pruned outputs on the calibration
     set by that rule, as the prune stage's BN recalibration will. ``device``: a ``device``
     param name, resolved here (under Ray: on the worker) and the model moved there; None: run
-    where the model is. Inputs may be on any device; the curves are CPU arrays. The model's
-    weights are left unchanged, so it may be shared.
+    where the model is. ``of_remaining``: each sparsity is a fraction of the layer's non-zero
+    weights, pruned after its zeros (the grid of an iterative round on a pruned model). Inputs
+    may be on any device; the curves are CPU arrays. The model's weights are left unchanged,
+    so it may be shared.
     """
     if device is not None:
         model = model.to(resolve_device(device))
     with torch_threads(threads):
         return ENGINES[engine](
-            layer, model, inputs, reference, sparsities, batch_size, memory_mb, bn_correction
+            layer,
+            model,
+            inputs,
+            reference,
+            sparsities,
+            batch_size,
+            memory_mb,
+            bn_correction,
+            of_remaining,
         )

@@ -8,6 +8,7 @@ skips unchanged downstream work.
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -32,56 +33,78 @@ from pipeline.errors import PipelineError
 SCHEMA_VERSION = "2"
 
 
+LAYOUT_FILE = Path(__file__).with_name("paths.yaml")
+
+
+@functools.cache
+def _layout() -> dict[str, str]:
+    """Artifact name -> path relative to the project root, from ``paths.yaml``."""
+    return yaml.safe_load(LAYOUT_FILE.read_text())["paths"]
+
+
 @dataclass(frozen=True)
 class Paths:
-    """Where each stage's outputs live, relative to the project root."""
+    """Where each stage's outputs live under the project ``root``, as ``paths.yaml`` (which
+    dvc.yaml reads too) says."""
 
     root: Path = Path(".")
 
+    def _at(self, name: str) -> Path:
+        return self.root / _layout()[name]
+
     @property
     def params(self) -> Path:
-        return self.root / "params.yaml"
+        return self._at("params")
 
     @property
     def baseline(self) -> Path:
-        return self.root / "artifacts" / "baseline.pt"
+        return self._at("baseline")
 
     @property
     def calibration(self) -> Path:
-        return self.root / "artifacts" / "calibration.pt"
+        return self._at("calibration")
 
     @property
     def distortion(self) -> Path:
-        return self.root / "artifacts" / "distortion.parquet"
+        return self._at("distortion")
 
     @property
     def allocation(self) -> Path:
-        return self.root / "artifacts" / "allocation.parquet"
+        return self._at("allocation")
 
     @property
     def pareto(self) -> Path:
-        return self.root / "artifacts" / "pareto.parquet"
+        return self._at("pareto")
 
     @property
     def pruned(self) -> Path:
-        return self.root / "artifacts" / "pruned.pt"
+        return self._at("pruned")
 
     @property
     def finetuned(self) -> Path:
-        return self.root / "artifacts" / "finetuned.pt"
+        return self._at("finetuned")
+
+    @property
+    def rounds(self) -> Path:
+        """The schedule's folder: one sub-folder per finished round (``round``)."""
+        return self._at("rounds")
+
+    def round(self, index: int) -> Path:
+        """Round ``index``'s folder (1-based): model.pt, allocation.parquet, metrics.json."""
+        return self.rounds / f"round_{index:03d}"
 
     def metrics(self, stage: str) -> Path:
-        return self.root / "metrics" / f"{stage}.json"
+        return self._at("metrics") / f"{stage}.json"
 
     def plot(self, name: str) -> Path:
-        return self.root / "plots" / f"{name}.csv"
+        return self._at("plots") / f"{name}.csv"
 
     def figure(self, name: str) -> Path:
-        return self.root / "plots" / f"{name}.png"
+        return self._at("plots") / f"{name}.png"
 
     @property
     def defaults(self) -> Path:
-        return self.root / "artifacts" / "params_defaults.json"
+        return self._at("defaults")
 
     FIGURES = ("distortion_curves", "allocation", "pareto", "joint_distortion")
 
@@ -98,7 +121,7 @@ class Paths:
 
     def timing(self, stage: str) -> Path:
         """Wall time of a stage's last run: no DVC output, so no stage's cache key holds it."""
-        return self.root / "timings" / f"{stage}.json"
+        return self._at("timings") / f"{stage}.json"
 
 
 # ---------------------------------------------------------------------------- atomic writes
@@ -187,7 +210,7 @@ def write_metrics(path: Path, metrics: Mapping[str, Any]) -> None:
     write_bytes_atomic(path, (json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n").encode())
 
 
-def read_metrics(path: Path) -> dict[str, Any]:
+def read_metrics(path: Path) -> Any:
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"metrics file not found: {path}; run the stage that writes it")
@@ -424,3 +447,46 @@ def write_pareto(
             [np.asarray(p[name], dtype=object if name == "layer" else None) for p in parts]
         )
     _write_table(path, columns, PARETO_SCHEMA, extra)
+
+
+# ---------------------------------------------------------------------------- schedule rounds
+ROUND_FILES = ("model.pt", "allocation.parquet", "metrics.json")  # metrics.json last: done
+
+
+def write_round(
+    folder: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    allocation: Allocation,
+    metrics: Mapping[str, Any],
+    extra: Mapping[str, str],
+) -> None:
+    """One finished round: its checkpoint, allocation and metrics. The metrics file, written
+    last, marks the round complete: a round killed half-way is recomputed, not half-read."""
+    folder = Path(folder)
+    (folder / "metrics.json").unlink(missing_ok=True)
+    write_state_dict(folder / "model.pt", state_dict)
+    write_allocation(folder / "allocation.parquet", allocation, extra)
+    write_metrics(folder / "metrics.json", metrics)
+
+
+def read_round(folder: Path, key: str) -> tuple[Any, Allocation, dict[str, Any]] | None:
+    """(state_dict, allocation, metrics) of the round in ``folder`` if it finished under
+    ``key``, else None (absent, unfinished, or made by other settings)."""
+    folder = Path(folder)
+    if not all((folder / name).is_file() for name in ROUND_FILES):
+        return None
+    metrics = read_metrics(folder / "metrics.json")
+    if metrics.get("key") != key:
+        return None
+    state = _torch_load(folder / "model.pt", f"round checkpoint {folder}")
+    return state, read_allocation(folder / "allocation.parquet"), metrics
+
+
+def read_json(path: Path) -> Any:
+    """Any JSON value a stage wrote (``write_json``)."""
+    return read_metrics(path)
+
+
+def write_json(path: Path, value: Any) -> None:
+    """Any JSON value (e.g. a list of records, which DVC plots read), byte-deterministic."""
+    write_bytes_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode())

@@ -22,7 +22,7 @@ import logging
 import math
 import os
 import socket
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -436,6 +436,26 @@ Backend = Callable[
     TaskRun[Any],
 ]
 BACKENDS: dict[str, Backend] = {"serial": _serial, "ray": _ray}
+
+
+@contextlib.contextmanager
+def session(params: RayParams) -> Iterator[None]:
+    """Keep one Ray connection (a private local instance, or the cluster) open across several
+    ``run_tasks`` calls, e.g. the profiles of a schedule's rounds: each call would otherwise
+    start and stop its own. The serial backend needs none."""
+    if params.backend != "ray":
+        yield
+        return
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        _init_ray(params)
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
 
 
 def run_tasks(

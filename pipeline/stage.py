@@ -114,8 +114,8 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     name = body.__module__.rpartition(".")[2]
     if name == "__main__":  # run as ``python -m stages.<name>``
         name = sys.modules["__main__"].__spec__.name.rpartition(".")[2]
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm) if main_thread else None
     if argv is None:  # a process of its own, not a call from a test
         _die_with_parent()
     try:
@@ -128,6 +128,10 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    finally:  # called in process (tests, benchmarks): the caller's handler again; a process
+        # of its own keeps ignoring late SIGTERMs while the interpreter shuts down
+        if previous is not None and argv is not None:
+            signal.signal(signal.SIGTERM, previous)
     return 0
 
 
@@ -155,6 +159,7 @@ def profile_curves(
     inputs: torch.Tensor,
     reference: torch.Tensor,
     placements: list[Placement] | None = None,
+    of_remaining: bool = False,
 ) -> DistortionCurves:
     """Every prunable layer's distortion curve, profiled in work units (a layer or a range of
     its levels, largest first) on the ``ray.backend``.
@@ -163,6 +168,8 @@ def profile_curves(
     depend on the model and params only, so the table is the same on every backend and
     cluster. ``placements``, if given, receives where each unit ran (in unit order). Each
     task runs on the ``device`` param's device, or on the GPU Ray assigned it.
+    ``of_remaining``: grid sparsities are fractions of each layer's non-zero weights (an
+    iterative round); the curves' ``numel`` stay the whole layers'.
     """
     numel = prunable_numel(model)
     macs = macs_per_weight(model, inputs[:1])
@@ -183,6 +190,7 @@ def profile_curves(
         "memory_mb": params.profile.memory_mb,
         "device": params.device,
         "bn_correction": bn_mode,
+        "of_remaining": of_remaining,
     }
     run = run_tasks(
         profile_unit, units, shared=shared, params=params.ray, desc="profile", device_arg="device"
@@ -288,7 +296,17 @@ def log_epoch(stage: str) -> Callable[[EpochStats], None]:
     return report
 
 
-STAGES = ("validate", "baseline", "calibrate", "profile", "allocate", "prune", "finetune", "track")
+STAGES = (
+    "validate",
+    "baseline",
+    "calibrate",
+    "profile",
+    "allocate",
+    "prune",
+    "finetune",
+    "schedule",
+    "track",
+)
 
 
 def result_record(params: Params, paths: io.Paths) -> RunRecord:

@@ -155,6 +155,7 @@ class RunRecord:
     tables: Mapping[str, Mapping[str, list[Any]]]
     artifacts: Sequence[Path]
     tags: Mapping[str, str]
+    children: Sequence[tuple[str, RunRecord]] = ()  # (run name, record): nested runs
 
 
 def log_result(
@@ -188,24 +189,34 @@ def _log_run(
     tracking_uri: str, experiment_id: str, run_name: str, record: RunRecord, tags: dict[str, str]
 ) -> str:
     import mlflow
-    from mlflow.entities import Metric, Param
 
     client = mlflow.MlflowClient(tracking_uri=tracking_uri)
     mlflow.set_tracking_uri(tracking_uri)
     # on any exception, KeyboardInterrupt included, the run ends FAILED and a rerun replaces it
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
-        client.log_batch(
-            run.info.run_id,
-            params=[Param(k, str(v)) for k, v in record.params.items()],
-            metrics=[Metric(k, float(v), 0, 0) for k, v in record.metrics.items()]
-            + [
-                Metric(k, float(v), 0, step)
-                for k, series in record.steps.items()
-                for step, v in series
-            ],
-        )
-        for name, table in record.tables.items():
-            mlflow.log_table(data=dict(table), artifact_file=name)
-        for path in record.artifacts:
-            mlflow.log_artifact(str(path))
+        _log_record(client, run.info.run_id, record)
+        for child_name, child in record.children:
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=child_name, nested=True, tags=child.tags
+            ) as nested:
+                _log_record(client, nested.info.run_id, child)
         return run.info.run_id
+
+
+def _log_record(client: Any, run_id: str, record: RunRecord) -> None:
+    """Params, metrics, step series, tables and files of ``record`` into the active run."""
+    import mlflow
+    from mlflow.entities import Metric, Param
+
+    client.log_batch(
+        run_id,
+        params=[Param(k, str(v)) for k, v in record.params.items()],
+        metrics=[Metric(k, float(v), 0, 0) for k, v in record.metrics.items()]
+        + [
+            Metric(k, float(v), 0, step) for k, series in record.steps.items() for step, v in series
+        ],
+    )
+    for name, table in record.tables.items():
+        mlflow.log_table(data=dict(table), artifact_file=name)
+    for path in record.artifacts:
+        mlflow.log_artifact(str(path))

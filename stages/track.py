@@ -14,25 +14,40 @@ from collections.abc import Sequence
 
 from pipeline import io, tracking
 from pipeline.config import Params
+from pipeline.rounds import schedule_files, schedule_record
 from pipeline.stage import log, result_record, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
-    record = result_record(params, paths)
-    run_id, experiment_id, created = tracking.log_result(
-        tracking_uri=tracking.resolve_tracking_uri(params.track.tracking_uri, paths.root),
-        experiment=params.track.experiment,
-        key=io.content_hash(paths.result_files()),
-        exp_name=os.environ.get("DVC_EXP_NAME", ""),
-        run_name=f"{params.allocate.method} ratio={params.prune.ratio:g}",
-        record=record,
-    )
-    log.info(
-        "track: MLflow run %s (%s); in `mlflow ui`: #/experiments/%s?workflowType=machine_learning",
-        run_id,
-        "logged" if created else "already there",
-        experiment_id,
-    )
+    results = [
+        (
+            f"{params.allocate.method} ratio={params.prune.ratio:g}",
+            paths.result_files(),
+            result_record(params, paths),
+        )
+    ]
+    schedule = schedule_record(params, paths)
+    if schedule is not None:  # one parent run per schedule, a nested run per round
+        s = params.schedule
+        name = f"{params.allocate.method} schedule {s.rounds}x{s.amount:g}"
+        results.append((name, schedule_files(paths), schedule))
+    for run_name, files, record in results:
+        run_id, experiment_id, created = tracking.log_result(
+            tracking_uri=tracking.resolve_tracking_uri(params.track.tracking_uri, paths.root),
+            experiment=params.track.experiment,
+            key=io.content_hash(files),
+            exp_name=os.environ.get("DVC_EXP_NAME", ""),
+            run_name=run_name,
+            record=record,
+        )
+        log.info(
+            "track: MLflow run %s %r (%s); in `mlflow ui`: "
+            "#/experiments/%s?workflowType=machine_learning",
+            run_id,
+            run_name,
+            "logged" if created else "already there",
+            experiment_id,
+        )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny project run through every stage in process (serial backend)."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -8,11 +9,22 @@ import pytest
 import torch
 import yaml
 
+from pipeline import io
 from pipeline.evaluation import predict_logits
 from pipeline.models import build_model
-from stages import allocate, baseline, calibrate, finetune, profile, prune, track, validate
+from stages import (
+    allocate,
+    baseline,
+    calibrate,
+    finetune,
+    profile,
+    prune,
+    schedule,
+    track,
+    validate,
+)
 
-STAGES = [validate, baseline, calibrate, profile, allocate, prune, finetune, track]
+STAGES = [validate, baseline, calibrate, profile, allocate, prune, finetune, schedule, track]
 TINY = {
     "baseline": {"epochs": 2},
     "calibrate": {"samples": 32},
@@ -21,6 +33,17 @@ TINY = {
     "ray": {"backend": "serial"},
     "prune": {"ratio": 0.6},
 }
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def resolved_dvc_yaml() -> dict:
+    """dvc.yaml with its ``${paths.*}`` references replaced as DVC resolves them (the layout
+    in pipeline/paths.yaml); a reference the layout lacks raises KeyError."""
+    layout = yaml.safe_load(io.LAYOUT_FILE.read_text())["paths"]
+    text = (REPO / "dvc.yaml").read_text()
+    return yaml.safe_load(re.sub(r"\$\{paths\.(\w+)\}", lambda m: layout[m.group(1)], text))
 
 
 def write_params(root: Path, **overrides) -> None:

@@ -3,6 +3,7 @@
 Runs real DVC, a real local Ray instance and a real MLflow sqlite store (~1-2 min).
 """
 
+import json
 import os
 import re
 import shutil
@@ -23,7 +24,17 @@ FAST = {
     "finetune": {"epochs": 2},
     "ray": {"num_cpus": 2},
 }
-STAGES = ["validate", "baseline", "calibrate", "profile", "allocate", "prune", "finetune", "track"]
+STAGES = [
+    "validate",
+    "baseline",
+    "calibrate",
+    "profile",
+    "allocate",
+    "prune",
+    "finetune",
+    "schedule",
+    "track",
+]
 ALWAYS = ["validate", "track"]  # always_changed: they run on every repro
 
 pytestmark = pytest.mark.slow
@@ -230,3 +241,52 @@ def test_killing_dvc_stops_its_stage(checkout):
         (root / "params.yaml").write_text(good_params)
     sh(root, "dvc", "checkout")
     assert baseline.is_file()  # the earlier state is restorable
+
+
+def test_schedule_runs_its_rounds_and_resumes_through_dvc(checkout):
+    """Two rounds on the digits default: only the schedule stage runs (one-shot outputs stay);
+    MLflow gets one parent run with the rounds as steps and a nested run per round; a third
+    round resumes after the first two, which DVC kept (persist) and the stage reuses."""
+    import mlflow
+
+    root = checkout
+    sh(root, "dvc", "repro")
+    one_shot = (root / "artifacts" / "finetuned.pt").read_bytes()
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["schedule"].update(rounds=2, epochs=1)
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = sh(root, "dvc", "repro")
+    assert ran(out.stdout) == ["validate", "schedule", "track"]
+    assert (root / "artifacts" / "finetuned.pt").read_bytes() == one_shot
+    entries = json.loads((root / "metrics" / "rounds.json").read_text())
+    assert [e["round"] for e in entries] == [1, 2]
+    assert [round(e["sparsity"], 3) for e in entries] == [0.2, 0.36]
+
+    runs = mlflow_runs(root)
+    (parent,) = [
+        r
+        for r in runs
+        if r.data.tags.get("rdprune.stage") == "schedule"
+        and "mlflow.parentRunId" not in r.data.tags
+    ]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(c.data.params["round"] for c in children) == ["1", "2"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    history = client.get_metric_history(parent.info.run_id, "round_accuracy")
+    assert sorted(m.step for m in history) == [1, 2]
+
+    shown = json.loads(sh(root, "dvc", "plots", "show", "--json").stdout)
+    assert "metrics/rounds.json" in shown["data"]  # accuracy vs sparsity over the rounds
+
+    first = (root / "artifacts" / "rounds" / "round_001" / "model.pt").read_bytes()
+    edit_params(root, "schedule", "rounds", 3)
+    out = sh(root, "dvc", "repro")
+    assert ran(out.stdout) == ["validate", "schedule", "track"]
+    assert "round 1: reused" in out.stdout + out.stderr
+    assert "round 2: reused" in out.stdout + out.stderr
+    assert (root / "artifacts" / "rounds" / "round_001" / "model.pt").read_bytes() == first
+    assert len(json.loads((root / "metrics" / "rounds.json").read_text())) == 3
+    status = sh(root, "dvc", "status").stdout
+    assert [line for line in status.splitlines() if line.strip().endswith(":")] == [
+        f"{s}:" for s in ALWAYS
+    ]

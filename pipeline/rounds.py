@@ -1,0 +1,200 @@
+"""Glue of the schedule stage: from params and files to the core's rounds (pipeline/schedule.py)
+and back to an MLflow record. Reads the project's files through ``io``; imports no mlflow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline import io
+from pipeline.allocation import layer_bounds
+from pipeline.batchnorm import recalibrate_bn
+from pipeline.config import Params, flatten
+from pipeline.data import DatasetSplits, calibration_subset, load_dataset
+from pipeline.evaluation import accuracy
+from pipeline.layers import macs_per_weight, prunable_numel
+from pipeline.masking import masks_from_zeros
+from pipeline.models import build_model
+from pipeline.schedule import RoundSettings
+from pipeline.stage import log_epoch, profile_curves, stage_device
+from pipeline.tracking import RunRecord
+from pipeline.training import train
+
+# What a round's result depends on besides the previous round (its key holds them all):
+# everything the schedule stage reads but the number of rounds, the parallel backend and the
+# one-shot knobs. ``device`` is in: a GPU and a CPU do not give the same bytes.
+KEY_SECTIONS = (
+    "seed",
+    "device",
+    "model",
+    "data",
+    "calibrate",
+    "profile",
+    "allocate",
+    "prune",
+    "finetune",
+    "schedule",
+)
+NOT_KEY = (
+    "schedule.rounds",
+    "allocate.pareto_ratios",
+    "allocate.steps",
+    "allocate.flops_ratio",
+    "prune.ratio",
+    "finetune.epochs",
+)
+
+
+@dataclass(frozen=True)
+class RoundSetup:
+    """Everything the rounds share: settings, calibration inputs, data, and per-round steps."""
+
+    params: Params
+    settings: RoundSettings
+    inputs: torch.Tensor  # (N, ...) calibration inputs
+    splits: DatasetSplits
+    bn_images: torch.Tensor | None  # BatchNorm recalibration images (prune.bn_recalibration)
+    macs: dict[str, int]
+    key_settings: dict[str, Any]
+    meta: dict[str, str]  # allocation table metadata
+
+    @property
+    def channels_classes(self) -> tuple[int, int]:
+        return self.splits.in_channels, self.splits.num_classes
+
+    def steps(self, round_index: int) -> dict[str, Any]:
+        """The injected steps of ``run_round`` for round ``round_index``."""
+        params, batch, rule = (
+            self.params,
+            self.params.calibrate.batch_size,
+            self.params.prune.bn_rule,
+        )
+
+        def profile(model: nn.Module, reference: torch.Tensor):
+            return profile_curves(params, model, self.inputs, reference, of_remaining=True)
+
+        def recalibrate(model: nn.Module, start: nn.Module) -> None:
+            recalibrate_bn(model, start, self.bn_images, batch, rule)
+
+        def retrain(model: nn.Module) -> None:
+            train(
+                model,
+                self.splits.train,
+                params.retrain,
+                params.seed + round_index,  # a stream of its own per round: resumable
+                masks=masks_from_zeros(model),
+                on_epoch=log_epoch(f"schedule round {round_index}"),
+                desc=f"round {round_index}",
+            )
+
+        return {
+            "profile": profile,
+            "macs_per_weight": self.macs,
+            "recalibrate": recalibrate if rule is not None else None,
+            "retrain": retrain,
+            "evaluate": lambda model: accuracy(model, self.splits.test),
+        }
+
+
+def key_settings(params: Params) -> dict[str, Any]:
+    """The params a round's result depends on (see ``KEY_SECTIONS``), dotted keys."""
+    return {
+        k: v
+        for k, v in flatten(params).items()
+        # the work units cut the profile's batched passes; the rest of ``ray`` changes nothing
+        if (k.split(".")[0] in KEY_SECTIONS or k == "ray.work_units") and k not in NOT_KEY
+    }
+
+
+def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
+    """Read the calibration set and the data once for all rounds."""
+    inputs, _, _ = io.read_calibration(paths.calibration)
+    splits = load_dataset(params.data)
+    model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
+    names = list(prunable_numel(model))
+    lo, hi = layer_bounds(names, params.allocate.limits, params.allocate.exclude)
+    bn_images = None
+    if params.prune.bn_rule is not None:
+        bn_images, _ = calibration_subset(
+            splits.train_eval,
+            params.prune.bn_recalibration,
+            params.seed + 1,
+            "prune.bn_recalibration",
+        )
+    device = stage_device(params)
+    settings = RoundSettings(
+        amount=params.schedule.amount,
+        method=params.allocate.method,
+        kind=params.allocate.distortion,
+        measure=params.allocate.budget,
+        lo=lo,
+        hi=hi,
+        levels=params.profile.levels,
+        batch_size=params.calibrate.batch_size,
+        candidates=tuple(params.allocate.candidates),
+        bn_rule=params.prune.bn_rule,
+    )
+    return RoundSetup(
+        params=params,
+        settings=settings,
+        inputs=inputs.to(device),
+        splits=splits,
+        bn_images=bn_images,
+        macs=macs_per_weight(model, inputs[:1]),
+        key_settings=key_settings(params),
+        meta={"rdprune.method": params.allocate.method, "rdprune.grid": "of remaining weights"},
+    )
+
+
+def schedule_record(params: Params, paths: io.Paths) -> RunRecord | None:
+    """The MLflow record of a schedule: the round results as steps (step = round; accuracy
+    and sparsity both as series, so the UI can chart either against the other), one child
+    record per round with its allocation. None when the schedule is off."""
+    entries = io.read_json(paths.metrics("rounds"))
+    if not entries:
+        return None
+    series = ("accuracy", "sparsity", "accuracy_before_retrain", "measured_distortion")
+    children = []
+    for entry in entries:
+        allocation = io.read_allocation(paths.round(entry["round"]) / "allocation.parquet")
+        children.append(
+            (
+                f"round {entry['round']}",
+                RunRecord(
+                    params={"round": entry["round"]},
+                    metrics=_numbers(entry),
+                    steps={},
+                    tables={
+                        "allocation.json": {
+                            "layer": allocation.layers,
+                            "sparsity": allocation.sparsity.tolist(),
+                            "kept": allocation.kept.tolist(),
+                        }
+                    },
+                    artifacts=[],
+                    tags={"rdprune.stage": "schedule"},
+                ),
+            )
+        )
+    return RunRecord(
+        params=flatten(params),
+        metrics={**_numbers(entries[-1]), "rounds": len(entries)},
+        steps={f"round_{s}": [(e["round"], e[s]) for e in entries] for s in series},
+        tables={"rounds.json": {k: [e.get(k) for e in entries] for k in entries[0]}},
+        artifacts=[paths.metrics("rounds")],
+        tags={"rdprune.stage": "schedule"},
+        children=children,
+    )
+
+
+def _numbers(entry: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in entry.items() if isinstance(v, int | float) and v is not None}
+
+
+def schedule_files(paths: io.Paths) -> list[Path]:
+    """What a schedule's result is: its MLflow run is keyed by these files' bytes."""
+    return [paths.metrics("rounds"), paths.metrics("schedule")]

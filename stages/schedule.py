@@ -1,0 +1,59 @@
+"""schedule: iterative pruning in rounds (schedule.rounds > 0), each re-profiled against the
+model it starts from, pruned with masks only growing, and retrained. Finished rounds stay in
+their own folders and a rerun resumes after the last one whose key still matches."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from collections.abc import Sequence
+
+from pipeline import io
+from pipeline.config import Params
+from pipeline.parallel import session
+from pipeline.rounds import round_setup
+from pipeline.schedule import round_key, run_round
+from pipeline.stage import load_model, log, run_stage
+
+
+def run(params: Params, paths: io.Paths) -> None:
+    setup = round_setup(params, paths)
+    model = load_model(params, paths.baseline, *setup.channels_classes, "baseline checkpoint")
+    key, entries, seconds = io.content_hash([paths.baseline, paths.calibration]), [], []
+    with session(params.ray):
+        for k in range(1, params.schedule.rounds + 1):
+            key = round_key(key, k, setup.key_settings)
+            stored = io.read_round(paths.round(k), key)
+            if stored is not None:  # finished before, under the same settings: resume after it
+                state, _, metrics = stored
+                model.load_state_dict(state)
+                log.info("schedule round %d: reused from %s", k, paths.round(k))
+            else:
+                result = run_round(model, k, setup.settings, setup.inputs, **setup.steps(k))
+                model, metrics = result.model, {**result.metrics, "key": key}
+                io.write_round(
+                    paths.round(k), model.state_dict(), result.allocation, metrics, setup.meta
+                )
+                seconds.append({"round": k, **result.seconds})
+                log.info(
+                    "schedule round %d: sparsity %.4f, accuracy %.4f (%.4f before retraining)",
+                    k,
+                    metrics["sparsity"],
+                    metrics["accuracy"],
+                    metrics["accuracy_before_retrain"],
+                )
+            entries.append({n: v for n, v in metrics.items() if n != "key"})
+    for stale in sorted(paths.rounds.glob("round_*"))[params.schedule.rounds :]:
+        shutil.rmtree(stale)  # rounds past the schedule's end belong to another schedule
+    paths.rounds.mkdir(parents=True, exist_ok=True)
+    io.write_json(paths.metrics("rounds"), entries)
+    io.write_metrics(paths.metrics("schedule"), {"rounds": len(entries), **(entries or [{}])[-1]})
+    io.write_json(paths.timing("schedule_rounds"), seconds)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_stage(run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,344 @@
+"""Iterative schedule: round arithmetic, masks only growing, the remaining-weight grid, the
+baselines' rounds against their one-shot rule, resuming, and bad schedules."""
+
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline import io
+from pipeline.allocation import Problem, allocate, kept_budget, predicted_distortion, spend_slack
+from pipeline.config import load_params
+from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
+from pipeline.errors import PipelineError
+from pipeline.evaluation import per_sample_distortion, predict_logits
+from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
+from pipeline.masking import apply_masks, magnitude_masks, mask_pruning
+from pipeline.models import build_model
+from pipeline.schedule import RoundSettings, run_round, target_sparsity
+from stages import schedule
+from tests.conftest import write_params
+
+ROUNDS = 3
+AMOUNT = 0.3
+
+
+def zeros_of(model) -> dict[str, torch.Tensor]:
+    return {name: m.weight.detach() == 0 for name, m in prunable_layers(model)}
+
+
+def digits_model(seed: int = 0):
+    torch.manual_seed(seed)
+    return build_model("digits_cnn", 1, 10).eval()
+
+
+def settings(method: str, model, levels: int = 11) -> RoundSettings:
+    n = len(prunable_numel(model))
+    return RoundSettings(
+        amount=AMOUNT,
+        method=method,
+        kind="mean",
+        measure="params",
+        lo=np.zeros(n),
+        hi=np.ones(n),
+        levels=levels,
+        batch_size=16,
+    )
+
+
+def serial_profile(inputs, levels):
+    """The round's profile on one process: every layer on the remaining-weight grid."""
+
+    def profile(model, reference):
+        numel = prunable_numel(model)
+        grid = sparsity_grid(levels)
+        results = [
+            profile_layer(
+                name,
+                model=model,
+                inputs=inputs,
+                reference=reference,
+                sparsities=grid,
+                batch_size=16,
+                threads=1,
+                of_remaining=True,
+            )
+            for name in numel
+        ]
+        return DistortionCurves.from_profiles(
+            numel, grid, results, macs_per_weight(model, inputs[:1])
+        )
+
+    return profile
+
+
+def rounds_of(method: str, model, inputs, retrain=None):
+    """ROUNDS rounds of ``method`` from ``model``: the models after each round."""
+    out = []
+    for k in range(1, ROUNDS + 1):
+        result = run_round(
+            model,
+            k,
+            settings(method, model),
+            inputs,
+            profile=serial_profile(inputs, 11),
+            macs_per_weight=macs_per_weight(model, inputs[:1]),
+            recalibrate=None,
+            retrain=retrain or (lambda m: None),
+            evaluate=lambda m: 0.0,
+        )
+        model = result.model
+        out.append(result)
+    return out
+
+
+def test_target_sparsity_follows_the_paper():
+    assert target_sparsity(14, 0.2) == pytest.approx(0.956, abs=5e-4)
+    assert target_sparsity(20, 0.2) == pytest.approx(0.9885, abs=5e-5)
+    assert target_sparsity(0, 0.2) == 0
+
+
+def perturb(model: torch.nn.Module, seed: int) -> None:
+    """Stand-in for retraining: every kept weight moves, zeros stay zero."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, m in prunable_layers(model):
+            m.weight.add_(torch.randn(m.weight.shape, generator=g) * 0.05 * (m.weight != 0))
+
+
+@pytest.mark.parametrize("method", ["rd", "global", "lamp", "uniform", "erk", "uniform_plus"])
+def test_masks_only_grow_and_each_round_reaches_its_sparsity(method):
+    model = digits_model()
+    inputs = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    counter = iter(range(100))
+    results = rounds_of(method, model, inputs, retrain=lambda m: perturb(m, next(counter)))
+    total = sum(prunable_numel(model).values())
+    layers = len(prunable_numel(model))
+    previous = zeros_of(model)
+    for k, result in enumerate(results, start=1):
+        zeros = zeros_of(result.model)
+        for name in zeros:  # every zero stays zero
+            assert bool((zeros[name] | ~previous[name]).all()), (method, k, name)
+        previous = zeros
+        kept = int(result.allocation.kept.sum())
+        assert sum(int(z.sum()) for z in zeros.values()) == total - kept
+        # the target, within one weight per layer (and never short of it)
+        budget = kept_budget(target_sparsity(k, AMOUNT), total)
+        assert 0 <= budget - kept <= layers, (method, k, budget, kept)
+        if method == "rd":  # the grid's leftover goes back: exactly the target
+            assert kept == budget
+        assert result.metrics["sparsity"] == pytest.approx(1 - kept / total)
+
+
+@pytest.mark.parametrize("method", ["global", "lamp", "uniform", "erk"])
+def test_rounds_without_retraining_equal_the_one_shot_rule(method):
+    """Each round applies the method to the current weights; with nothing between rounds,
+    the masks after the last round are those of one-shot pruning to its sparsity (global
+    magnitude and LAMP score the kept weights as before; uniform and ERK shrink densities)."""
+    model = digits_model()
+    inputs = torch.randn(16, 1, 8, 8)
+    final = rounds_of(method, model, inputs)[-1].model
+    weights = {name: m.weight.detach() for name, m in prunable_layers(model)}
+    curves = serial_profile(inputs, 11)(model, predict_logits(model, inputs, 16))
+    n = len(curves.layers)
+    problem = Problem(
+        curves=curves,
+        kind="mean",
+        targets={"params": target_sparsity(ROUNDS, AMOUNT)},
+        lo=np.zeros(n),
+        hi=np.ones(n),
+        magnitudes=[weights[name].abs().flatten().numpy() for name in curves.layers],
+        shapes=[tuple(weights[name].shape) for name in curves.layers],
+    )
+    one_shot = allocate(method, problem)
+    kept = dict(zip(one_shot.layers, one_shot.kept.tolist(), strict=True))
+    expected = digits_model()
+    apply_masks(expected, magnitude_masks(expected, kept))
+    for name, zeros in zeros_of(final).items():
+        assert torch.equal(zeros, zeros_of(expected)[name]), (method, name)
+
+
+def test_remaining_grid_prunes_zeros_first_then_a_fraction_of_the_rest():
+    model = digits_model()
+    inputs = torch.randn(12, 1, 8, 8)
+    name, layer = list(prunable_layers(model))[1]
+    with torch.no_grad():  # the layer is 40 % pruned already
+        layer.weight.mul_(mask_pruning(layer.weight, int(0.4 * layer.weight.numel())))
+    reference = predict_logits(model, inputs, 12)
+    grid = np.array([0.0, 0.25, 0.5, 1.0])
+    zeros = int((layer.weight == 0).sum())
+    remaining = layer.weight.numel() - zeros
+    for engine in ("fast", "naive"):
+        mean, _ = profile_layer(
+            name,
+            model=model,
+            inputs=inputs,
+            reference=reference,
+            sparsities=grid,
+            batch_size=5,
+            threads=1,
+            engine=engine,
+            of_remaining=True,
+        )
+        for j, s in enumerate(grid):  # brute force: zero that many weights, run the model
+            pruned = digits_model()
+            pruned.load_state_dict(model.state_dict())
+            w = dict(pruned.named_modules())[name].weight
+            count = zeros + int(np.floor(s * remaining + 0.5))
+            with torch.no_grad():
+                w.mul_(mask_pruning(w, count))
+            d = per_sample_distortion(predict_logits(pruned, inputs, 12), reference)
+            assert mean[j] == pytest.approx(float(d.mean()), rel=1e-4, abs=1e-7), (engine, s)
+        assert mean[0] == 0  # the zeros alone change nothing
+
+
+def tiny_problem(seed: int, layers: int = 3, levels: int = 5) -> Problem:
+    rng = np.random.default_rng(seed)
+    numel = rng.integers(5, 40, layers)
+    grid = sparsity_grid(levels)
+    mean = np.cumsum(rng.random((layers, levels)), axis=1)
+    mean[:, 0] = 0
+    curves = DistortionCurves(
+        layers=[f"l{i}" for i in range(layers)],
+        numel=numel.astype(np.int64),
+        sparsity=grid,
+        mean=mean,
+        max=mean,
+        macs_per_weight=np.ones(layers, dtype=np.int64),
+    )
+    ratio = float(rng.uniform(0.2, 0.8))
+    return Problem(curves, "mean", {"params": ratio}, np.zeros(layers), np.ones(layers))
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_spend_slack_meets_the_budget_and_never_raises_the_prediction(seed):
+    problem = tiny_problem(seed)
+    grid = allocate("rd", problem)
+    spent = spend_slack(problem, grid)
+    budget = problem.budgets()["params"]
+    assert int(spent.kept.sum()) == budget  # no limits: the budget is reached exactly
+    assert (spent.kept >= grid.kept).all() and (spent.kept <= problem.curves.numel).all()
+    assert spent.total_predicted <= grid.total_predicted + 1e-12
+    # the predicted distortion is the interpolated curve at the kept counts
+    expected = predicted_distortion(problem.curves, "mean", spent.kept)
+    np.testing.assert_allclose(spent.predicted_distortion, expected)
+    # an allocation with no slack is returned as it is
+    again = spend_slack(problem, spent)
+    np.testing.assert_array_equal(again.kept, spent.kept)
+
+
+def test_spend_slack_respects_the_floor_of_a_layer():
+    problem = tiny_problem(3)
+    lo = np.array([0.5, 0.0, 0.0])
+    limited = replace(problem, lo=lo)
+    spent = spend_slack(limited, allocate("rd", limited))
+    assert spent.sparsity[0] >= 0.5 - 1 / problem.curves.numel[0]
+
+
+@pytest.mark.parametrize(
+    ("schedule_params", "message"),
+    [
+        ({"rounds": -1}, "schedule.rounds = -1"),
+        ({"rounds": 2.5}, "schedule.rounds = 2.5"),
+        ({"rounds": "3"}, "schedule.rounds = '3'"),
+        ({"amount": 0.0}, "schedule.amount = 0.0"),
+        ({"amount": 1.0}, "schedule.amount = 1.0"),
+        ({"amount": 1.5}, "schedule.amount = 1.5"),
+        ({"epochs": -2}, "schedule.epochs = -2"),
+        ({"rounds": 2, "period": 3}, "unknown param schedule.period"),
+    ],
+)
+def test_a_bad_schedule_is_one_clear_error(schedule_params, message):
+    with pytest.raises(PipelineError) as caught:
+        load_params({"schedule": schedule_params})
+    assert str(caught.value).startswith(message)
+    assert "allowed" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_schedule_rejects_what_a_round_cannot_do():
+    with pytest.raises(PipelineError, match="allocate.budget = 'both'"):
+        load_params(
+            {
+                "schedule": {"rounds": 2},
+                "allocate": {"budget": "both", "flops_ratio": 0.5},
+            }
+        )
+    with pytest.raises(PipelineError, match="allocate.steps = 3"):
+        load_params({"schedule": {"rounds": 2}, "allocate": {"steps": 3}})
+    load_params({"allocate": {"steps": 3}})  # one-shot progressive stays allowed
+
+
+# ------------------------------------------------------------------ the stage: files, resume
+def schedule_project(project: Path, root: Path, **schedule_params) -> io.Paths:
+    (root / "artifacts").mkdir(parents=True)
+    for name in ("baseline.pt", "calibration.pt"):
+        shutil.copy2(project / "artifacts" / name, root / "artifacts" / name)
+    write_params(root, schedule={"rounds": 2, "epochs": 1, **schedule_params})
+    return io.Paths(root)
+
+
+def tree_bytes(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_schedule_stage_writes_rounds_and_resumes_to_the_same_bytes(project, tmp_path, monkeypatch):
+    whole = schedule_project(project, tmp_path / "whole")
+    assert schedule.main(["--root", str(whole.root)]) == 0
+    entries = io.read_json(whole.metrics("rounds"))
+    assert [e["round"] for e in entries] == [1, 2]
+    for e in entries:
+        assert e["sparsity"] == pytest.approx(target_sparsity(e["round"], 0.2), abs=1e-3)
+        assert 0 <= e["accuracy"] <= 1
+    assert io.read_metrics(whole.metrics("schedule"))["round"] == 2
+    assert sorted(p.name for p in whole.rounds.iterdir()) == ["round_001", "round_002"]
+
+    # killed in round 2: round 1 is on disk, round 2 is not
+    cut = schedule_project(project, tmp_path / "cut")
+    calls = []
+    real = schedule.run_round
+
+    kill = [True]
+
+    def dies_in_round_2(model, k, *args, **kwargs):
+        calls.append(k)
+        if k == 2 and kill.pop() if kill else False:
+            raise SystemExit(143)  # what SIGTERM becomes in a stage
+        return real(model, k, *args, **kwargs)
+
+    monkeypatch.setattr(schedule, "run_round", dies_in_round_2)
+    with pytest.raises(SystemExit):
+        schedule.main(["--root", str(cut.root)])
+    assert (cut.round(1) / "metrics.json").is_file() and not cut.round(2).exists()
+    calls.clear()
+    assert schedule.main(["--root", str(cut.root)]) == 0
+    assert calls == [2]  # round 1 was not recomputed
+    for folder in (whole.rounds, whole.root / "metrics"):
+        relative = folder.relative_to(whole.root)
+        assert tree_bytes(cut.root / relative) == tree_bytes(folder), relative
+
+    # a round whose metrics file is missing (killed while writing) is recomputed, same bytes
+    (cut.round(2) / "metrics.json").unlink()
+    calls.clear()
+    assert schedule.main(["--root", str(cut.root)]) == 0
+    assert calls == [2]
+    assert tree_bytes(cut.rounds) == tree_bytes(whole.rounds)
+
+    # other settings: nothing is reused; fewer rounds: the extra folders go
+    write_params(cut.root, schedule={"rounds": 1, "epochs": 1, "amount": 0.3})
+    calls.clear()
+    assert schedule.main(["--root", str(cut.root)]) == 0
+    assert calls == [1]
+    assert sorted(p.name for p in cut.rounds.iterdir()) == ["round_001"]
+
+
+def test_no_rounds_writes_empty_outputs(project, tmp_path):
+    paths = schedule_project(project, tmp_path / "none", rounds=0)
+    assert schedule.main(["--root", str(paths.root)]) == 0
+    assert io.read_json(paths.metrics("rounds")) == []
+    assert io.read_metrics(paths.metrics("schedule")) == {"rounds": 0}
+    assert paths.rounds.is_dir() and not list(paths.rounds.iterdir())
