@@ -63,6 +63,11 @@ class RoundSetup:
     meta: dict[str, str]  # allocation table metadata
 
     @property
+    def methods(self) -> list[str]:
+        """The method and its candidates: the allocations each round computes."""
+        return [self.settings.method, *self.settings.candidates]
+
+    @property
     def channels_classes(self) -> tuple[int, int]:
         return self.splits.in_channels, self.splits.num_classes
 

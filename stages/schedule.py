@@ -4,11 +4,13 @@ their own folders and a rerun resumes after the last one whose key still matches
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import sys
 from collections.abc import Sequence
 
 from pipeline import io
+from pipeline.allocation import NEEDS_CURVES
 from pipeline.config import Params
 from pipeline.parallel import session
 from pipeline.rounds import round_setup
@@ -20,7 +22,9 @@ def run(params: Params, paths: io.Paths) -> None:
     setup = round_setup(params, paths)
     model = load_model(params, paths.baseline, *setup.channels_classes, "baseline checkpoint")
     key, entries, seconds = io.content_hash([paths.baseline, paths.calibration]), [], []
-    with session(params.ray):
+    # one Ray instance for every round's profile, only if some round profiles
+    profiles = params.schedule.rounds and NEEDS_CURVES.intersection(setup.methods)
+    with session(params.ray) if profiles else contextlib.nullcontext():
         for k in range(1, params.schedule.rounds + 1):
             key = round_key(key, k, setup.key_settings)
             stored = io.read_round(paths.round(k), key)

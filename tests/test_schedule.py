@@ -342,3 +342,31 @@ def test_no_rounds_writes_empty_outputs(project, tmp_path):
     assert io.read_json(paths.metrics("rounds")) == []
     assert io.read_metrics(paths.metrics("schedule")) == {"rounds": 0}
     assert paths.rounds.is_dir() and not list(paths.rounds.iterdir())
+
+
+def test_track_logs_one_parent_run_per_schedule_with_a_run_per_round(project, tmp_path):
+    import mlflow
+
+    from stages import track
+
+    root = tmp_path / "tracked"
+    shutil.copytree(project, root, ignore=shutil.ignore_patterns("mlflow.db*", "mlartifacts"))
+    write_params(root, schedule={"rounds": 2, "epochs": 0}, allocate={"method": "lamp"})
+    assert schedule.main(["--root", str(root)]) == 0
+    for _ in range(2):  # the second time finds the runs it logged
+        assert track.main(["--root", str(root)]) == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])
+    parents = [
+        r
+        for r in runs
+        if r.data.tags.get("rdprune.stage") == "schedule"
+        and "mlflow.parentRunId" not in r.data.tags
+    ]
+    assert len(runs) == 4 and len(parents) == 1  # one-shot, schedule, two rounds
+    (parent,) = parents
+    assert parent.info.run_name == "lamp schedule 2x0.2"
+    steps = client.get_metric_history(parent.info.run_id, "round_sparsity")
+    assert [m.step for m in sorted(steps, key=lambda m: m.step)] == [1, 2]
+    assert parent.data.metrics["rounds"] == 2
+    assert "predicted_distortion" not in parent.data.metrics  # lamp reads no curves
