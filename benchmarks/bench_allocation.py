@@ -24,9 +24,10 @@ import numpy as np
 import torch
 import torchvision
 
-from pipeline.allocation import Problem, allocate, kept_budget, solve_mckp
+from pipeline.allocation import Problem, allocate, kept_budget
 from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.layers import macs_per_weight, prunable_numel
+from pipeline.mckp import solve_mckp
 
 
 def layer_sizes(name: str) -> tuple[list[str], np.ndarray, np.ndarray]:

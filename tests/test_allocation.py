@@ -11,10 +11,10 @@ from pipeline.allocation import (
     layer_bounds,
     pareto_front,
     predicted_distortion,
-    solve_mckp,
 )
 from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.errors import PipelineError
+from pipeline.mckp import solve_mckp
 
 
 def brute_force(costs: np.ndarray, value: np.ndarray, budgets) -> float:

@@ -13,8 +13,9 @@ import numpy as np
 import pytest
 
 from pipeline import io, tracking
-from pipeline.allocation import check_same_layers, solve_mckp
+from pipeline.allocation import check_same_layers
 from pipeline.errors import PipelineError
+from pipeline.mckp import solve_mckp
 from pipeline.models import normalize_state_dict, resolve_model
 from pipeline.plots import allocations_figure, distortion_curves_figure, pareto_figure
 from stages import allocate, track, validate
