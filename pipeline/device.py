@@ -68,3 +68,13 @@ def model_device(model: nn.Module) -> torch.device:
     """The device of the model's first parameter or buffer (CPU for a model without any)."""
     first = next(itertools.chain(model.parameters(), model.buffers()), None)
     return first.device if first is not None else torch.device("cpu")
+
+
+def device_identity(name: str) -> str:
+    """What the ``device`` param runs on here, as results depend on it: ``cpu``, or ``cuda``
+    with the GPU's model name (``auto`` resolves first, so a CPU's and a GPU's results are told
+    apart)."""
+    device = resolve_device(name)
+    if device.type != "cuda":
+        return device.type
+    return f"cuda ({torch.cuda.get_device_name(device)})"

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -475,11 +476,24 @@ def read_round(folder: Path, key: str) -> tuple[Any, Allocation, dict[str, Any]]
     folder = Path(folder)
     if not all((folder / name).is_file() for name in ROUND_FILES):
         return None
-    metrics = read_metrics(folder / "metrics.json")
-    if metrics.get("key") != key:
+    try:
+        metrics = read_metrics(folder / "metrics.json")
+        if not isinstance(metrics, dict) or metrics.get("key") != key:
+            return None
+        state = _torch_load(folder / "model.pt", "round checkpoint")
+        return state, read_allocation(folder / "allocation.parquet"), metrics
+    except PipelineError:  # a damaged file: the round is computed again
         return None
-    state = _torch_load(folder / "model.pt", f"round checkpoint {folder}")
-    return state, read_allocation(folder / "allocation.parquet"), metrics
+
+
+def round_folders(folder: Path) -> dict[int, Path]:
+    """Round number -> folder, for the folders ``Paths.round`` names (``round_NNN``)."""
+    found = {}
+    for path in Path(folder).glob("round_*"):
+        match = re.fullmatch(r"round_(\d+)", path.name)
+        if match and path.is_dir():
+            found[int(match.group(1))] = path
+    return dict(sorted(found.items()))
 
 
 def read_json(path: Path) -> Any:

@@ -7,20 +7,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from pipeline import io
-from pipeline.allocation import layer_bounds
+from pipeline.allocation import kept_budget, layer_bounds
 from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
 from pipeline.data import DatasetSplits, calibration_subset, load_dataset
+from pipeline.device import device_identity
+from pipeline.errors import PipelineError
 from pipeline.evaluation import accuracy
 from pipeline.layers import macs_per_weight, prunable_numel
-from pipeline.masking import masks_from_zeros
+from pipeline.masking import masks_from_zeros, pruned_count
 from pipeline.models import build_model
-from pipeline.schedule import RoundSettings
-from pipeline.stage import log_epoch, profile_curves, stage_device
+from pipeline.schedule import RoundSettings, target_sparsity
+from pipeline.stage import log, log_epoch, profile_curves, stage_device
 from pipeline.tracking import RunRecord
 from pipeline.training import train
 
@@ -61,6 +64,7 @@ class RoundSetup:
     macs: dict[str, int]
     key_settings: dict[str, Any]
     meta: dict[str, str]  # allocation table metadata
+    slack: float  # one weight per layer, as a sparsity: the rounding a round may miss by
 
     @property
     def methods(self) -> list[str]:
@@ -106,13 +110,39 @@ class RoundSetup:
 
 
 def key_settings(params: Params) -> dict[str, Any]:
-    """The params a round's result depends on (see ``KEY_SECTIONS``), dotted keys."""
-    return {
+    """The params a round's result depends on (see ``KEY_SECTIONS``), dotted keys; ``device``
+    as what it resolves to here (``auto`` is a CPU on one machine and a GPU on another)."""
+    settings = {
         k: v
         for k, v in flatten(params).items()
         # the work units cut the profile's batched passes; the rest of ``ray`` changes nothing
         if (k.split(".")[0] in KEY_SECTIONS or k == "ray.work_units") and k not in NOT_KEY
     }
+    settings["device"] = device_identity(params.device)
+    return settings
+
+
+def check_reachable(params: Params, numel: dict[str, int], macs: dict[str, int]) -> None:
+    """Fail before round 1 when the last round's target needs more sparsity than
+    ``allocate.limits`` / ``exclude`` allow (rounds would otherwise fail hours in)."""
+    names = list(numel)
+    _, hi = layer_bounds(names, params.allocate.limits, params.allocate.exclude)
+    n = np.array([numel[name] for name in names], dtype=np.int64)
+    unit = (
+        np.ones_like(n)
+        if params.allocate.budget == "params"
+        else np.array([macs[name] for name in names], dtype=np.int64)
+    )
+    fewest = n - np.array([pruned_count(int(k), float(h)) for k, h in zip(n, hi, strict=True)])
+    s = params.schedule
+    target = target_sparsity(s.rounds, s.amount)
+    if int((unit * fewest).sum()) > kept_budget(target, int((unit * n).sum())):
+        most = 1 - int((unit * fewest).sum()) / int((unit * n).sum())
+        raise PipelineError(
+            f"schedule.rounds = {s.rounds} with schedule.amount = {s.amount} needs "
+            f"{params.allocate.budget} sparsity {target:.4f}, but allocate.limits / exclude "
+            f"allow at most {most:.4f}; allowed: fewer rounds, a smaller amount or looser limits"
+        )
 
 
 def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
@@ -122,6 +152,8 @@ def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
     model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
     names = list(prunable_numel(model))
     lo, hi = layer_bounds(names, params.allocate.limits, params.allocate.exclude)
+    macs = macs_per_weight(model, inputs[:1])
+    check_reachable(params, prunable_numel(model), macs)
     bn_images = None
     if params.prune.bn_rule is not None:
         bn_images, _ = calibration_subset(
@@ -149,9 +181,30 @@ def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
         inputs=inputs.to(device),
         splits=splits,
         bn_images=bn_images,
-        macs=macs_per_weight(model, inputs[:1]),
+        macs=macs,
+        slack=len(names) / sum(prunable_numel(model).values()),
         key_settings=key_settings(params),
         meta={"rdprune.method": params.allocate.method, "rdprune.grid": "of remaining weights"},
+    )
+
+
+def report_round(k: int, metrics: dict[str, Any], slack: float) -> None:
+    """Log a computed round; warn when limits pushed it past its target by more than
+    rounding (``slack``: one weight per layer, as a sparsity)."""
+    if metrics["sparsity"] > metrics["target_sparsity"] + slack:
+        log.warning(  # a minimum in allocate.limits forces more than the target
+            "schedule round %d: sparsity %.4f is above the round's target %.4f "
+            "(allocate.limits minimums)",
+            k,
+            metrics["sparsity"],
+            metrics["target_sparsity"],
+        )
+    log.info(
+        "schedule round %d: sparsity %.4f, accuracy %.4f (%.4f before retraining)",
+        k,
+        metrics["sparsity"],
+        metrics["accuracy"],
+        metrics["accuracy_before_retrain"],
     )
 
 

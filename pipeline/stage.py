@@ -285,12 +285,15 @@ def log_epoch(stage: str) -> Callable[[EpochStats], None]:
     """An ``on_epoch`` callback that logs each training epoch as it ends."""
 
     def report(stats: EpochStats) -> None:
+        if stats.accuracy is None:  # no evaluation between epochs (schedule rounds)
+            log.info("%s epoch %d: loss %.4f", stage, stats.epoch, stats.loss)
+            return
         log.info(
             "%s epoch %d: loss %.4f, test accuracy %.4f",
             stage,
             stats.epoch,
             stats.loss,
-            stats.accuracy if stats.accuracy is not None else float("nan"),
+            stats.accuracy,
         )
 
     return report

@@ -165,8 +165,8 @@ def log_result(
     run was created now).
 
     A finished run with this key gets ``exp_name`` added to its experiments and nothing else;
-    runs of this key that never finished (interrupted, failed) are deleted, then the run is
-    logged anew from ``record``.
+    runs of this key that never finished (interrupted, failed) are deleted with their nested
+    runs, then the run is logged anew from ``record``.
     """
     import mlflow
 
@@ -179,7 +179,12 @@ def log_result(
             if run.info.status == "FINISHED":
                 _add_exp_name(client, run, exp_name)
                 return run.info.run_id, experiment_id, False
-        for run in runs:
+        for run in runs:  # with the nested runs it had logged (a schedule's rounds)
+            children = client.search_runs(
+                [experiment_id], f"tags.`mlflow.parentRunId` = '{run.info.run_id}'"
+            )
+            for child in children:
+                client.delete_run(child.info.run_id)
             client.delete_run(run.info.run_id)
         tags = {**record.tags, RESULT_TAG: key, EXP_NAMES_TAG: exp_name}
         return _log_run(tracking_uri, experiment_id, run_name, record, tags), experiment_id, True

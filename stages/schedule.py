@@ -8,12 +8,14 @@ import contextlib
 import shutil
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
+import pipeline
 from pipeline import io
 from pipeline.allocation import NEEDS_CURVES
 from pipeline.config import Params
 from pipeline.parallel import session
-from pipeline.rounds import round_setup
+from pipeline.rounds import report_round, round_setup
 from pipeline.schedule import round_key, run_round
 from pipeline.stage import load_model, log, run_stage
 
@@ -21,7 +23,10 @@ from pipeline.stage import load_model, log, run_stage
 def run(params: Params, paths: io.Paths) -> None:
     setup = round_setup(params, paths)
     model = load_model(params, paths.baseline, *setup.channels_classes, "baseline checkpoint")
-    key, entries, seconds = io.content_hash([paths.baseline, paths.calibration]), [], []
+    # round 1's key: the inputs' bytes and the code's (a code change recomputes every round)
+    code = [*sorted(Path(pipeline.__file__).parent.glob("*.py")), Path(__file__)]
+    key = io.content_hash([paths.baseline, paths.calibration, *code])
+    entries, seconds = [], []
     # one Ray instance for every round's profile, only if some round profiles
     profiles = params.schedule.rounds and NEEDS_CURVES.intersection(setup.methods)
     with session(params.ray) if profiles else contextlib.nullcontext():
@@ -39,16 +44,11 @@ def run(params: Params, paths: io.Paths) -> None:
                     paths.round(k), model.state_dict(), result.allocation, metrics, setup.meta
                 )
                 seconds.append({"round": k, **result.seconds})
-                log.info(
-                    "schedule round %d: sparsity %.4f, accuracy %.4f (%.4f before retraining)",
-                    k,
-                    metrics["sparsity"],
-                    metrics["accuracy"],
-                    metrics["accuracy_before_retrain"],
-                )
+                report_round(k, metrics, setup.slack)
             entries.append({n: v for n, v in metrics.items() if n != "key"})
-    for stale in sorted(paths.rounds.glob("round_*"))[params.schedule.rounds :]:
-        shutil.rmtree(stale)  # rounds past the schedule's end belong to another schedule
+    for k, stale in io.round_folders(paths.rounds).items():
+        if k > params.schedule.rounds:  # past the schedule's end: another schedule's rounds
+            shutil.rmtree(stale)
     paths.rounds.mkdir(parents=True, exist_ok=True)
     io.write_json(paths.metrics("rounds"), entries)
     io.write_metrics(paths.metrics("schedule"), {"rounds": len(entries), **(entries or [{}])[-1]})

@@ -344,16 +344,32 @@ def test_no_rounds_writes_empty_outputs(project, tmp_path):
     assert paths.rounds.is_dir() and not list(paths.rounds.iterdir())
 
 
-def test_track_logs_one_parent_run_per_schedule_with_a_run_per_round(project, tmp_path):
+def test_track_logs_one_parent_run_per_schedule_with_a_run_per_round(
+    project, tmp_path, monkeypatch
+):
     import mlflow
 
+    from pipeline import tracking
     from stages import track
 
     root = tmp_path / "tracked"
     shutil.copytree(project, root, ignore=shutil.ignore_patterns("mlflow.db*", "mlartifacts"))
     write_params(root, schedule={"rounds": 2, "epochs": 0}, allocate={"method": "lamp"})
+    assert track.main(["--root", str(root)]) == 0  # the one-shot run (no rounds yet)
     assert schedule.main(["--root", str(root)]) == 0
-    for _ in range(2):  # the second time finds the runs it logged
+    real, calls = tracking._log_record, []
+
+    def dies_at_round_2(*args):  # parent, round 1, round 2: interrupted there
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(tracking, "_log_record", dies_at_round_2)
+    with pytest.raises(KeyboardInterrupt):
+        track.main(["--root", str(root)])
+    monkeypatch.undo()
+    for _ in range(2):  # the interrupted parent goes with its rounds; then it is found again
         assert track.main(["--root", str(root)]) == 0
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])
@@ -365,8 +381,60 @@ def test_track_logs_one_parent_run_per_schedule_with_a_run_per_round(project, tm
     ]
     assert len(runs) == 4 and len(parents) == 1  # one-shot, schedule, two rounds
     (parent,) = parents
+    assert {r.info.status for r in runs} == {"FINISHED"}
+    nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    assert sorted(r.info.run_name for r in nested) == ["round 1", "round 2"]
     assert parent.info.run_name == "lamp schedule 2x0.2"
     steps = client.get_metric_history(parent.info.run_id, "round_sparsity")
     assert [m.step for m in sorted(steps, key=lambda m: m.step)] == [1, 2]
     assert parent.data.metrics["rounds"] == 2
     assert "predicted_distortion" not in parent.data.metrics  # lamp reads no curves
+
+
+def test_a_code_or_device_change_recomputes_the_rounds(project, tmp_path, monkeypatch):
+    import pipeline
+    from pipeline import rounds
+
+    paths = schedule_project(project, tmp_path / "code", rounds=1, epochs=0)
+    assert schedule.main(["--root", str(paths.root)]) == 0
+    calls = []
+    real = schedule.run_round
+
+    def counted(model, k, *args, **kwargs):
+        calls.append(k)
+        return real(model, k, *args, **kwargs)
+
+    monkeypatch.setattr(schedule, "run_round", counted)
+    assert schedule.main(["--root", str(paths.root)]) == 0
+    assert calls == []  # same code, same device: reused
+    edited = tmp_path / "edited" / "pipeline"
+    shutil.copytree(Path(pipeline.__file__).parent, edited)
+    (edited / "schedule.py").write_text((edited / "schedule.py").read_text() + "\n# edit\n")
+    monkeypatch.setattr(pipeline, "__file__", str(edited / "__init__.py"))
+    assert schedule.main(["--root", str(paths.root)]) == 0
+    assert calls == [1]  # the library changed: computed again
+    monkeypatch.setattr(rounds, "device_identity", lambda name: "cuda (another GPU)")
+    assert schedule.main(["--root", str(paths.root)]) == 0
+    assert calls == [1, 1]  # `auto` resolving to another device: computed again
+
+
+def test_unreachable_schedule_fails_before_round_1_and_stray_folders_stay(
+    project, tmp_path, capsys
+):
+    paths = schedule_project(project, tmp_path / "limits", rounds=3, amount=0.5, epochs=0)
+    write_params(
+        paths.root,
+        schedule={"rounds": 3, "amount": 0.5, "epochs": 0},
+        allocate={"limits": {"*": [0, 0.6]}},
+    )
+    assert schedule.main(["--root", str(paths.root)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: schedule.rounds = 3 with schedule.amount = 0.5 needs")
+    assert not paths.round(1).exists()
+    # folders are told by their round number: a stray copy is left alone
+    write_params(paths.root, schedule={"rounds": 1, "epochs": 0})
+    stray = paths.rounds / "round_001_backup"
+    stray.mkdir(parents=True)
+    (paths.rounds / "round_002").mkdir()
+    assert schedule.main(["--root", str(paths.root)]) == 0
+    assert sorted(p.name for p in paths.rounds.iterdir()) == ["round_001", "round_001_backup"]
