@@ -172,13 +172,14 @@ def main() -> None:
                 info[str(key)] = a.sparsity.round(3).tolist()
             rd = allocate("rd", problem)
             for variant in args.variants:
-                obj, evals = variant.split(":")[0], int(variant.split(":")[1])
+                obj, evals, *more = variant.split(":")
+                evals, rounds = int(evals), int(more[0]) if more else 0
                 key = (tag, f"rd+{variant}", ratio)
                 if key in hits:
                     continue
                 t = time.perf_counter()
                 refined, r = refine_allocation(
-                    dense, problem, rd, x, y, ref, "relative", obj, args.holdout, evals
+                    dense, problem, rd, x, y, ref, "relative", obj, args.holdout, evals, rounds
                 )
                 kept = refined.kept
                 assert kept.sum() <= problem.budgets()["params"]

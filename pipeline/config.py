@@ -149,6 +149,7 @@ class AllocateParams:
     candidates: list[str] = field(default_factory=list)  # methods competing by measured distortion
     refine: str | None = None  # null | a refine.OBJECTIVES name: measured exchanges from rd's DP
     refine_evals: int = 100  # most measured evaluations of the refinement
+    refine_rounds: int = 2  # re-solves on curves rescaled to measured in-context effects
     refine_holdout: float = 0.5  # share of the calibration set a move must not worsen
 
     def validate(self) -> None:
@@ -189,7 +190,8 @@ class AllocateParams:
             )
         if self.refine_evals < 1:
             raise _fail("allocate.refine_evals", self.refine_evals, "an integer >= 1")
-        _check_range("allocate.refine_holdout", self.refine_holdout, 0.0, 1.0)
+        if self.refine_rounds < 0:
+            raise _fail("allocate.refine_rounds", self.refine_rounds, "an integer >= 0")
         if not 0 < self.refine_holdout < 1:
             raise _fail("allocate.refine_holdout", self.refine_holdout, "a number in (0, 1)")
 

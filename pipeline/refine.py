@@ -112,6 +112,45 @@ def exchange_moves(
     return moves
 
 
+def corrected_curves(
+    level: np.ndarray,
+    allowed: np.ndarray,
+    value: np.ndarray,
+    evaluate: Callable[[np.ndarray], tuple[float, float]],
+    current: float,
+    probe: int,
+) -> tuple[np.ndarray, int]:
+    """(value with each layer's curve scaled to its measured effect in context, probes made).
+
+    For every layer, the objective is measured with that layer alone ``probe`` grid steps
+    denser (sparser where it cannot get denser) than in ``level``; the scale is the measured
+    change over the change its curve predicts, clipped to [1/20, 20]. Layers whose curve is
+    flat over the probe keep scale 1. Probes may break the budget: they are measurements, not
+    candidates."""
+    scale = np.ones(len(level))
+    probes = 0
+    for i in range(len(level)):
+        lv = int(level[i])
+        ok = np.flatnonzero(allowed[i])
+        denser = ok[(ok < lv) & (ok >= lv - probe)]
+        sparser = ok[(ok > lv) & (ok <= lv + probe)]
+        if len(denser):
+            target = int(denser.min())
+        elif len(sparser):
+            target = int(sparser.max())
+        else:
+            continue
+        predicted = value[i, lv] - value[i, target]
+        if abs(predicted) <= 1e-12 * max(abs(value[i]).max(), 1e-300):
+            continue
+        moved = level.copy()
+        moved[i] = target
+        measured = current - evaluate(moved)[0]
+        probes += 1
+        scale[i] = np.clip(measured / predicted, 1 / 20, 20)
+    return value * scale[:, None], probes
+
+
 def refine(
     level: np.ndarray,
     costs: np.ndarray,
@@ -121,11 +160,21 @@ def refine(
     evaluate: Callable[[np.ndarray], tuple[float, float]],
     max_evals: int,
     steps: Sequence[int] = (1, 2, 4),
+    rounds: int = 0,
+    probe: int = 4,
 ) -> RefineResult:
-    """Local search from ``level`` (L,) by pairwise exchanges (see ``exchange_moves``),
-    accepting a move only when ``evaluate(levels)`` -> (fit, held-out) lowers the fit value
-    and does not raise the held-out one. At most ``max_evals`` calls of ``evaluate`` (the
-    start included). The start must meet the budgets; every returned allocation does."""
+    """Local search from ``level`` (L,), accepting a candidate only when
+    ``evaluate(levels)`` -> (fit, held-out) lowers the fit value and does not raise the
+    held-out one. At most ``max_evals`` calls of ``evaluate`` (the start included). The start
+    must meet the budgets; every candidate and the result do.
+
+    First, up to ``rounds`` re-solves: each layer's curve is rescaled to its measured effect
+    in context (``corrected_curves``, one probe per layer), the knapsack is solved exactly on
+    the corrected curves and its optimum is the candidate; rounds stop at the first that does
+    not improve. Then pairwise exchanges (``exchange_moves``) tried in the order the (last
+    corrected) curves predict, first improvement accepted, until a full pass finds none."""
+    from pipeline.allocation import solve_mckp
+
     costs = np.asarray(costs, dtype=np.int64)
     costs = costs[None] if costs.ndim == 2 else costs
     budgets = np.asarray(budgets, dtype=np.int64).reshape(-1)
@@ -136,6 +185,21 @@ def refine(
     start = best = evaluate(current.copy())
     evals, accepted = 1, 0
     seen = {current.tobytes()}
+    for _ in range(rounds):
+        if evals + len(current) + 1 > max_evals:
+            break
+        corrected, probes = corrected_curves(current, allowed, value, evaluate, best[0], probe)
+        evals += probes
+        candidate = solve_mckp(costs, np.where(allowed, corrected, np.inf), budgets).choice
+        if candidate.tobytes() in seen:
+            break
+        seen.add(candidate.tobytes())
+        fit, held = evaluate(candidate.copy())
+        evals += 1
+        if not (fit < best[0] and held <= best[1]):
+            break
+        current, best, value = candidate, (fit, held), corrected
+        accepted += 1
     improved = True
     while improved and evals < max_evals:
         improved = False
@@ -263,6 +327,7 @@ def refine_allocation(
     objective: str,
     holdout: float,
     max_evals: int,
+    rounds: int = 0,
 ) -> tuple[Allocation, RefineResult]:
     """``refine`` on the allocation problem: ``start`` (on the profiling grid, e.g. the DP's
     optimum) moved by measured exchanges; the result keeps grid counts and meets every budget
@@ -289,6 +354,7 @@ def refine_allocation(
         curves.curve(problem.kind),
         lambda level: measure(kept_grid[rows, level]),
         max_evals,
+        rounds=rounds,
     )
     kept = kept_grid[rows, result.level]
     refined = replace(

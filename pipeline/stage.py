@@ -288,6 +288,7 @@ def refined_allocation(
         a.refine,
         a.refine_holdout,
         a.refine_evals,
+        a.refine_rounds,
     )
     (fit0, held0), (fit1, held1) = result.start, result.end
     log.info(

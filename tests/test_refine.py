@@ -76,28 +76,35 @@ def test_exchange_moves_meet_the_budget_and_are_the_brute_force_exchanges():
     assert {(i, li, j) for _, i, li, j, _ in moves} == expected
 
 
-def test_refine_returns_the_dp_allocation_when_no_move_helps():
-    # the measured objective is exactly the DP's additive one: the DP optimum has no
-    # improving exchange, so the refinement gives it back unchanged
+@pytest.mark.parametrize("rounds", [0, 2])
+def test_refine_returns_the_dp_allocation_when_no_move_helps(rounds):
+    # the measured objective is exactly the DP's additive one: every probe confirms the
+    # curves (scale 1), the re-solve gives the DP optimum back, no exchange improves it
     start = dp_start()
     calls = []
-    result = refine(start, KEPT, BUDGET, ALLOWED, VALUE, table_objective(VALUE, calls), 10_000)
+    evaluate = table_objective(VALUE, calls)
+    result = refine(start, KEPT, BUDGET, ALLOWED, VALUE, evaluate, 10_000, rounds=rounds)
     assert np.array_equal(result.level, start) and result.accepted == 0
     assert result.start == result.end and result.evaluations == len(calls) > 1
 
 
-def test_refine_never_breaks_the_budget_nor_raises_the_objective_and_is_deterministic():
+@pytest.mark.parametrize("rounds", [0, 1, 3])
+def test_refine_never_breaks_the_budget_nor_raises_the_objective_and_is_deterministic(rounds):
     start = dp_start()
     for seed in range(5):
         truth = np.sort(np.random.default_rng(seed).random((L, K)), axis=1) * 3
         calls = []
-        result = refine(start, KEPT, BUDGET, ALLOWED, VALUE, table_objective(truth, calls), 200)
+        evaluate = table_objective(truth, calls)
+        result = refine(start, KEPT, BUDGET, ALLOWED, VALUE, evaluate, 200, rounds=rounds)
         assert KEPT[np.arange(L), result.level].sum() <= BUDGET[0]
         assert result.end[0] <= result.start[0] and result.end[1] <= result.start[1]
         assert result.end[0] == pytest.approx(truth[np.arange(L), result.level].sum())
-        assert all(KEPT[np.arange(L), c].sum() <= BUDGET[0] for c in calls)  # every candidate
+        if rounds == 0:  # (probes of the re-solve rounds are measurements, not candidates)
+            assert all(KEPT[np.arange(L), c].sum() <= BUDGET[0] for c in calls)
         assert len(calls) == result.evaluations <= 200
-        again = refine(start, KEPT, BUDGET, ALLOWED, VALUE, table_objective(truth), 200)
+        again = refine(
+            start, KEPT, BUDGET, ALLOWED, VALUE, table_objective(truth), 200, rounds=rounds
+        )
         assert np.array_equal(again.level, result.level) and again.end == result.end
         if result.accepted:
             assert result.end[0] < result.start[0]
@@ -124,14 +131,28 @@ def test_a_move_that_worsens_the_held_out_part_is_refused():
     assert np.array_equal(result.level, start) and result.accepted == 0
 
 
+def test_a_re_solve_on_rescaled_truth_finds_its_optimum_in_one_round():
+    # truth = the curves scaled per layer: probes measure exactly those scales, and the
+    # re-solve on corrected curves is the exact optimum of the truth
+    scale = np.array([3.0, 0.2, 1.0, 5.0])
+    truth = VALUE * scale[:, None]
+    optimum = solve_mckp(KEPT, truth, BUDGET)
+    result = refine(dp_start(), KEPT, BUDGET, ALLOWED, VALUE, table_objective(truth), 100, rounds=1)
+    assert result.end[0] == pytest.approx(optimum.objective)
+    assert not np.array_equal(optimum.choice, dp_start())
+
+
 def test_refine_keeps_per_layer_limits():
     start = dp_start()
     allowed = ALLOWED.copy()
     allowed[1, 3:] = False  # layer 1 may not get sparser than level 2
     truth = VALUE.copy()
     truth[1, :] = 0.0
-    result = refine(start, KEPT, BUDGET, allowed, VALUE, table_objective(truth), 1000)
-    assert allowed[np.arange(L), result.level].all() and result.level[1] == 2
+    for rounds in (0, 2):
+        result = refine(
+            start, KEPT, BUDGET, allowed, VALUE, table_objective(truth), 1000, rounds=rounds
+        )
+        assert allowed[np.arange(L), result.level].all() and result.level[1] == 2
 
 
 def test_holdout_split_is_a_fixed_partition():
@@ -208,6 +229,7 @@ def test_refine_allocation_meets_the_budget_and_starts_from_rd():
         ({"refine": "ce", "method": "global"}, "'ce' is not allowed; allowed: null unless"),
         ({"refine": "ce", "candidates": ["global"]}, "allocate.refine = 'ce' is not allowed"),
         ({"refine": "ce", "refine_evals": 0}, "allocate.refine_evals = 0 is not allowed"),
+        ({"refine": "ce", "refine_rounds": -1}, "allocate.refine_rounds = -1 is not allowed"),
         ({"refine": "ce", "refine_holdout": 1.0}, "allocate.refine_holdout = 1.0 is not allowed"),
     ],
 )  # fmt: skip
