@@ -237,3 +237,26 @@ def test_refine_params_are_validated(allocate_params, message):
     with pytest.raises(PipelineError, match=message.replace("(", r"\(")):
         load_params({"allocate": allocate_params})
     load_params({"allocate": {"refine": "ce"}})
+
+
+def test_allocate_stage_refines_rd_and_reports_it(project, tmp_path):
+    import shutil
+
+    from pipeline import io
+    from stages import allocate
+    from tests.conftest import write_params
+
+    root = tmp_path / "refine"
+    shutil.copytree(project, root)
+    write_params(
+        root,
+        allocate={"refine": "ce", "refine_evals": 12, "refine_rounds": 1, "pareto_ratios": [0.5]},
+    )
+    assert allocate.main(["--root", str(root)]) == 0
+    paths = io.Paths(root)
+    metrics = io.read_metrics(paths.metrics("allocate"))
+    assert metrics["refine.fit_end"] <= metrics["refine.fit_start"]
+    assert metrics["refine.heldout_end"] <= metrics["refine.heldout_start"]
+    assert 1 <= metrics["refine.evaluations"] <= 12
+    assert io.read_table_metadata(paths.allocation)["rdprune.selected"] == "rd+refine"
+    assert metrics["kept"] <= round(0.4 * io.read_allocation(paths.allocation).numel.sum())
