@@ -147,6 +147,10 @@ class AllocateParams:
     pareto_ratios: list[float] = field(default_factory=lambda: list(PARETO_RATIOS))
     steps: int = 1  # progressive allocation: reach the ratio in k re-profiled steps (1: one-shot)
     candidates: list[str] = field(default_factory=list)  # methods competing by measured distortion
+    refine: str | None = None  # null | a refine.OBJECTIVES name: measured exchanges from rd's DP
+    refine_evals: int = 100  # most measured evaluations of the refinement
+    refine_rounds: int = 2  # re-solves on curves rescaled to measured in-context effects
+    refine_holdout: float = 0.5  # share of the calibration set a move must not worsen
 
     def validate(self) -> None:
         from pipeline.allocation import ALLOCATORS
@@ -160,6 +164,7 @@ class AllocateParams:
             _check_choice(f"allocate.candidates[{i}]", name, ALLOCATORS)
         if self.candidates and self.steps > 1:
             raise _fail("allocate.candidates", self.candidates, "[] when allocate.steps > 1")
+        self._validate_refine()
         if (self.budget == "both") != (self.flops_ratio is not None):
             raise _fail(
                 "allocate.flops_ratio", self.flops_ratio, "a ratio with budget 'both', else null"
@@ -170,6 +175,25 @@ class AllocateParams:
             raise _fail("allocate.pareto_ratios", self.pareto_ratios, "a non-empty list of ratios")
         for i, r in enumerate(self.pareto_ratios):
             _check_range(f"allocate.pareto_ratios[{i}]", r, 0.0, 1.0, hi_open=True)
+
+    def _validate_refine(self) -> None:
+        from pipeline.refine import OBJECTIVES
+
+        if self.refine is None:
+            return
+        _check_choice("allocate.refine", self.refine, OBJECTIVES)
+        if self.method != "rd" or self.steps != 1 or self.candidates:
+            raise _fail(
+                "allocate.refine",
+                self.refine,
+                "null unless allocate.method is 'rd', allocate.steps 1 and allocate.candidates []",
+            )
+        if self.refine_evals < 1:
+            raise _fail("allocate.refine_evals", self.refine_evals, "an integer >= 1")
+        if self.refine_rounds < 0:
+            raise _fail("allocate.refine_rounds", self.refine_rounds, "an integer >= 0")
+        if not 0 < self.refine_holdout < 1:
+            raise _fail("allocate.refine_holdout", self.refine_holdout, "a number in (0, 1)")
 
     def targets(self, ratio: float) -> dict[str, float]:
         """measure -> ratio removed, the first being the one prune.ratio sets."""
@@ -313,6 +337,8 @@ class Params:
             )
         if self.allocate.steps != 1:
             raise _fail("allocate.steps", self.allocate.steps, "1 when schedule.rounds > 0")
+        if self.allocate.refine is not None:  # one-shot only: a round would ignore it
+            raise _fail("allocate.refine", self.allocate.refine, "null when schedule.rounds > 0")
 
     @property
     def retrain(self) -> TrainParams:

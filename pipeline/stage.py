@@ -40,6 +40,7 @@ from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
 from pipeline.models import build_model, load_weights, normalize_state_dict
 from pipeline.parallel import Placement, run_tasks
 from pipeline.progressive import progressive_allocation
+from pipeline.refine import refine_allocation
 from pipeline.selection import select_measured
 from pipeline.tracking import RunRecord
 from pipeline.training import EpochStats
@@ -246,11 +247,14 @@ def choose_allocation(
     """(method chosen, its allocation, measured distortion per candidate) as params ask:
     one-shot ``allocate.method``; ``allocate.steps`` > 1: progressive, re-profiling the
     partially pruned model against its own outputs; ``allocate.candidates``: the method and
-    the candidates compete by measured joint distortion on the calibration set."""
+    the candidates compete by measured joint distortion on the calibration set;
+    ``allocate.refine``: rd's optimum refined on a measured objective (``rd+refine``)."""
     method, allocate_params, rule = params.allocate.method, params.allocate, params.prune.bn_rule
-    if allocate_params.steps == 1 and not allocate_params.candidates:
+    if allocate_params.steps == 1 and not allocate_params.candidates and not allocate_params.refine:
         return method, allocate(method, problem), {}
-    inputs, _, reference = io.read_calibration(paths.calibration)
+    inputs, labels, reference = io.read_calibration(paths.calibration)
+    if allocate_params.refine:  # beyond the paper: measured exchanges from the DP's optimum
+        return refined_allocation(params, model, problem, inputs, labels, reference)
     batch = params.calibrate.batch_size
     if allocate_params.steps > 1:
         allocation = progressive_allocation(
@@ -268,6 +272,47 @@ def choose_allocation(
     allocations = {name: allocate(name, problem) for name in names}
     chosen, measured = select_measured(model, allocations, inputs, reference, batch, rule)
     return chosen, allocations[chosen], measured
+
+
+def refined_allocation(
+    params: Params,
+    model: nn.Module,
+    problem: Problem,
+    inputs: torch.Tensor,
+    labels: torch.Tensor,
+    reference: torch.Tensor,
+) -> tuple[str, Allocation, dict[str, float]]:
+    """``allocate.refine``: rd's allocation refined on the measured objective (refine.py);
+    the name ``rd+refine``, and the objective before and after on both calibration parts."""
+    a = params.allocate
+    allocation, result = refine_allocation(
+        model,
+        problem,
+        allocate(a.method, problem),
+        inputs,
+        labels,
+        reference,
+        params.prune.bn_rule,
+        a.refine,
+        a.refine_holdout,
+        a.refine_evals,
+        a.refine_rounds,
+    )
+    (fit0, held0), (fit1, held1) = result.start, result.end
+    log.info(
+        "allocate: refinement (%s) %.6g -> %.6g on the fit part, %.6g -> %.6g held out; "
+        "%d moves in %d evaluations",
+        *(a.refine, fit0, fit1, held0, held1, result.accepted, result.evaluations),
+    )
+    summary = {
+        "refine.fit_start": result.start[0],
+        "refine.fit_end": result.end[0],
+        "refine.heldout_start": result.start[1],
+        "refine.heldout_end": result.end[1],
+        "refine.evaluations": result.evaluations,
+        "refine.moves": result.accepted,
+    }
+    return f"{a.method}+refine", allocation, summary
 
 
 def other_methods(problem: Problem, chosen: str) -> dict[str, Allocation]:

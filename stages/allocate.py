@@ -67,7 +67,10 @@ def run(params: Params, paths: io.Paths) -> None:
         pareto_figure([r[0] for r in rows], [r[3] for r in rows], params.prune.ratio),
     )
     metrics = {
-        **{f"measured_distortion.{name}": value for name, value in measured.items()},
+        **{
+            name if name.startswith("refine.") else f"measured_distortion.{name}": value
+            for name, value in measured.items()
+        },
         **allocation.summary(),
         "ratio": params.prune.ratio,
         "pareto_infeasible": infeasible,

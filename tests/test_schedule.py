@@ -268,6 +268,8 @@ def test_a_schedule_rejects_what_a_round_cannot_do():
         )
     with pytest.raises(PipelineError, match="allocate.steps = 3"):
         load_params({"schedule": {"rounds": 2}, "allocate": {"steps": 3}})
+    with pytest.raises(PipelineError, match="allocate.refine = 'ce'"):
+        load_params({"schedule": {"rounds": 2}, "allocate": {"refine": "ce"}})
     load_params({"allocate": {"steps": 3}})  # one-shot progressive stays allowed
 
 
