@@ -128,6 +128,9 @@ def main() -> None:
     )
     parser.add_argument("--shared", type=Path, default=REPO.parent / "shared")
     parser.add_argument(
+        "--device", default=None, help="device param (cuda: serial backend, GPU-sized passes)"
+    )
+    parser.add_argument(
         "--bn-mode", choices=sorted(BN_RULES), default=None, help="prune.bn_recalibration_mode"
     )
     args = parser.parse_args()
@@ -139,6 +142,11 @@ def main() -> None:
     base = yaml.safe_load(PRESET.read_text())
     base["model"]["checkpoint"] = str((args.shared / "models" / "resnet20_cifar10.th").resolve())
     base["data"]["root"] = str((args.shared / "data" / "cifar10-subset").resolve())
+    if args.device is not None:  # in process on one device: no Ray needed
+        base["device"] = args.device
+        base["ray"]["backend"] = "serial"
+        if args.device.startswith("cuda"):
+            base["profile"].update(batch_size=128, memory_mb=1024)
     if args.bn_mode is not None:  # every method, the curves' correction included
         base["prune"]["bn_recalibration_mode"] = args.bn_mode
     started = time.perf_counter()
