@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+import pipeline.stage
+
 REPO = Path(__file__).resolve().parents[1]
 FAST = {
     "baseline": {"epochs": 3},
@@ -24,17 +26,7 @@ FAST = {
     "finetune": {"epochs": 2},
     "ray": {"num_cpus": 2},
 }
-STAGES = [
-    "validate",
-    "baseline",
-    "calibrate",
-    "profile",
-    "allocate",
-    "prune",
-    "finetune",
-    "schedule",
-    "track",
-]
+STAGES = list(pipeline.stage.STAGES)  # dvc.yaml's stages, in order
 ALWAYS = ["validate", "track"]  # always_changed: they run on every repro
 
 pytestmark = pytest.mark.slow

@@ -342,3 +342,14 @@ def test_a_second_sigterm_cannot_cut_the_clean_up_short():
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_dvc_yaml_names_its_paths_once_and_its_stages_in_order():
+    """Every artifact path comes from pipeline/paths.yaml (``${paths.*}``), and the stages are
+    those the code lists (timings, MLflow), in the same order."""
+    import pipeline.stage
+
+    text = (REPO / "dvc.yaml").read_text()
+    body = text[text.index("stages:") :]
+    assert not re.findall(r"(?<![\w/{.])(artifacts|metrics|plots|timings)/", body)
+    assert list(resolved_dvc_yaml()["stages"]) == list(pipeline.stage.STAGES)
