@@ -208,7 +208,7 @@ def read_calibration(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tens
 
 # ---------------------------------------------------------------------------- metrics, CSV
 def write_metrics(path: Path, metrics: Mapping[str, Any]) -> None:
-    write_bytes_atomic(path, (json.dumps(dict(metrics), indent=2, sort_keys=True) + "\n").encode())
+    write_json(path, dict(metrics))
 
 
 def read_metrics(path: Path) -> Any:

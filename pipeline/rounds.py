@@ -16,14 +16,13 @@ from pipeline.allocation import kept_budget, layer_bounds
 from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
 from pipeline.data import DatasetSplits, calibration_subset, load_dataset
-from pipeline.device import device_identity
+from pipeline.device import device_identity, model_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import accuracy
 from pipeline.layers import macs_per_weight, prunable_numel
 from pipeline.masking import masks_from_zeros, pruned_count
-from pipeline.models import build_model
 from pipeline.schedule import RoundSettings, target_sparsity
-from pipeline.stage import log, log_epoch, profile_curves, stage_device
+from pipeline.stage import load_model, log, log_epoch, profile_curves
 from pipeline.tracking import RunRecord
 from pipeline.training import train
 
@@ -58,7 +57,8 @@ class RoundSetup:
 
     params: Params
     settings: RoundSettings
-    inputs: torch.Tensor  # (N, ...) calibration inputs
+    start: nn.Module  # the baseline model, on the device: round 1 starts from it
+    inputs: torch.Tensor  # (N, ...) calibration inputs, on the device
     splits: DatasetSplits
     bn_images: torch.Tensor | None  # BatchNorm recalibration images (prune.bn_recalibration)
     macs: dict[str, int]
@@ -71,17 +71,10 @@ class RoundSetup:
         """The method and its candidates: the allocations each round computes."""
         return [self.settings.method, *self.settings.candidates]
 
-    @property
-    def channels_classes(self) -> tuple[int, int]:
-        return self.splits.in_channels, self.splits.num_classes
-
     def steps(self, round_index: int) -> dict[str, Any]:
         """The injected steps of ``run_round`` for round ``round_index``."""
-        params, batch, rule = (
-            self.params,
-            self.params.calibrate.batch_size,
-            self.params.prune.bn_rule,
-        )
+        params = self.params
+        batch, rule = params.calibrate.batch_size, params.prune.bn_rule
 
         def profile(model: nn.Module, reference: torch.Tensor):
             return profile_curves(params, model, self.inputs, reference, of_remaining=True)
@@ -146,14 +139,17 @@ def check_reachable(params: Params, numel: dict[str, int], macs: dict[str, int])
 
 
 def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
-    """Read the calibration set and the data once for all rounds."""
+    """Read the baseline, the calibration set and the data once for all rounds."""
     inputs, _, _ = io.read_calibration(paths.calibration)
     splits = load_dataset(params.data)
-    model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
-    names = list(prunable_numel(model))
-    lo, hi = layer_bounds(names, params.allocate.limits, params.allocate.exclude)
-    macs = macs_per_weight(model, inputs[:1])
-    check_reachable(params, prunable_numel(model), macs)
+    start = load_model(
+        params, paths.baseline, splits.in_channels, splits.num_classes, "baseline checkpoint"
+    )
+    inputs = inputs.to(model_device(start))
+    numel = prunable_numel(start)
+    lo, hi = layer_bounds(list(numel), params.allocate.limits, params.allocate.exclude)
+    macs = macs_per_weight(start, inputs[:1])
+    check_reachable(params, numel, macs)
     bn_images = None
     if params.prune.bn_rule is not None:
         bn_images, _ = calibration_subset(
@@ -162,7 +158,6 @@ def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
             params.seed + 1,
             "prune.bn_recalibration",
         )
-    device = stage_device(params)
     settings = RoundSettings(
         amount=params.schedule.amount,
         method=params.allocate.method,
@@ -178,11 +173,12 @@ def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
     return RoundSetup(
         params=params,
         settings=settings,
-        inputs=inputs.to(device),
+        start=start,
+        inputs=inputs,
         splits=splits,
         bn_images=bn_images,
         macs=macs,
-        slack=len(names) / sum(prunable_numel(model).values()),
+        slack=len(numel) / sum(numel.values()),
         key_settings=key_settings(params),
         meta={"rdprune.method": params.allocate.method, "rdprune.grid": "of remaining weights"},
     )

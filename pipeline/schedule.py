@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.allocation import NEEDS_CURVES, Allocation, Problem, allocate, spend_slack
 from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.evaluation import output_distortion, predict_logits
-from pipeline.layers import prunable_layers
+from pipeline.layers import prunable_layers, prunable_numel
 from pipeline.masking import apply_masks, magnitude_masks, zero_count
 from pipeline.selection import select_measured
 
@@ -64,11 +64,10 @@ def flat_curves(
 ) -> DistortionCurves:
     """All-zero curves on the grid: what a method that reads no curves is given (it costs no
     profiling; its predicted distortion is not a measurement and is not reported)."""
-    layers = [name for name, _ in prunable_layers(model)]
-    numel = {name: m.weight.numel() for name, m in prunable_layers(model)}
+    numel = prunable_numel(model)
     zeros = np.zeros(levels)
     return DistortionCurves.from_profiles(
-        numel, sparsity_grid(levels), [(zeros, zeros)] * len(layers), macs_per_weight
+        numel, sparsity_grid(levels), [(zeros, zeros)] * len(numel), macs_per_weight
     )
 
 

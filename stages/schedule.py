@@ -17,12 +17,12 @@ from pipeline.config import Params
 from pipeline.parallel import session
 from pipeline.rounds import report_round, round_setup
 from pipeline.schedule import round_key, run_round
-from pipeline.stage import load_model, log, run_stage
+from pipeline.stage import log, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
     setup = round_setup(params, paths)
-    model = load_model(params, paths.baseline, *setup.channels_classes, "baseline checkpoint")
+    model = setup.start
     # round 1's key: the inputs' bytes and the code's (a code change recomputes every round)
     code = [*sorted(Path(pipeline.__file__).parent.glob("*.py")), Path(__file__)]
     key = io.content_hash([paths.baseline, paths.calibration, *code])

@@ -19,6 +19,7 @@ from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
 from pipeline.masking import apply_masks, magnitude_masks, mask_pruning
 from pipeline.models import build_model
 from pipeline.schedule import RoundSettings, run_round, target_sparsity
+from pipeline.stage import profile_curves
 from stages import schedule
 from tests.conftest import write_params
 
@@ -50,29 +51,18 @@ def settings(method: str, model, levels: int = 11) -> RoundSettings:
 
 
 def serial_profile(inputs, levels):
-    """The round's profile on one process: every layer on the remaining-weight grid."""
-
-    def profile(model, reference):
-        numel = prunable_numel(model)
-        grid = sparsity_grid(levels)
-        results = [
-            profile_layer(
-                name,
-                model=model,
-                inputs=inputs,
-                reference=reference,
-                sparsities=grid,
-                batch_size=16,
-                threads=1,
-                of_remaining=True,
-            )
-            for name in numel
-        ]
-        return DistortionCurves.from_profiles(
-            numel, grid, results, macs_per_weight(model, inputs[:1])
-        )
-
-    return profile
+    """The round's profile as the stage runs it (``profile_curves``), on the serial backend,
+    every layer on the remaining-weight grid, no BatchNorm correction."""
+    params = load_params(
+        {
+            "device": "cpu",
+            "profile": {"levels": levels, "batch_size": 16, "bn_correction": False},
+            "ray": {"backend": "serial"},
+        }
+    )
+    return lambda model, reference: profile_curves(
+        params, model, inputs, reference, of_remaining=True
+    )
 
 
 def rounds_of(method: str, model, inputs, retrain=None):
