@@ -24,6 +24,7 @@ multiply-accumulate), and the largest relative difference between the two tables
 
 Run:
   python benchmarks/bench_profile.py --models resnet20 --bn-correction        # CPU
+  python benchmarks/bench_profile.py --models resnet20 --bn-correction --reconstruct 0.01
   python benchmarks/bench_profile.py --device cuda --models resnet20,resnet56,resnet50,paper \
       --bn-correction --batch-size 128 --memory-mb 16384                        # one GPU
 """
@@ -109,6 +110,7 @@ def run_engine(model, inputs, reference, grid, engine, args, layers=None):
             engine=engine,
             memory_mb=args.memory_mb,
             bn_correction="relative" if args.bn_correction else None,
+            repair=args.reconstruct,
         )
         for name in layers or prunable_numel(model)
     ]
@@ -236,6 +238,13 @@ def main() -> None:
         "--models", default="resnet20,zoo", help="resnet20,resnet56,resnet50,paper,zoo"
     )
     parser.add_argument("--bn-correction", action="store_true", help="relative BN-corrected curves")
+    parser.add_argument(
+        "--reconstruct",
+        type=float,
+        default=None,
+        metavar="DAMPING",
+        help="repaired curves (profile.reconstruct) with this prune.reconstruct_damping",
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="profile.batch_size")
     parser.add_argument("--memory-mb", type=int, default=64, help="profile.memory_mb")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (CPU)")
@@ -257,7 +266,8 @@ def main() -> None:
     print(
         f"{where}, torch {torch.__version__}; fast engine: batch {args.batch_size}, "
         f"{args.memory_mb} MB per pass; BN correction: "
-        f"{'relative' if args.bn_correction else 'off'}"
+        f"{'relative' if args.bn_correction else 'off'}; repair: "
+        f"{'off' if args.reconstruct is None else f'damping {args.reconstruct}'}"
     )
     print(
         f"{'model':<28} {'layers':>6} {'images':>6} {'levels':>6} {'naive s':>9} {'fast s':>9} "

@@ -1,24 +1,28 @@
-"""Quality benchmark: one-shot top-1 of every allocation method at 50-90 % sparsity.
+"""Quality benchmark: one-shot top-1 of every allocation method at 50-90 % sparsity, with and
+without the repair of the kept weights.
 
 Runs the pipeline's own stages (baseline -> calibrate -> profile -> allocate -> prune) in a
 temporary project on the CIFAR-10 subset in ../shared with the public pretrained ResNet-20.
 It starts from presets/cifar10_subset_resnet20.yaml. Every method gets the same
-post-processing: the prune stage's BatchNorm recalibration (prune.bn_recalibration and
-prune.bn_recalibration_mode), and no fine-tuning. RD is run once per variant (the preset,
-the paper's rd alone, ...); its cells show the predicted (summed) and the measured joint
-output distortion on the calibration set, and the allocation chosen when it was not rd's
-own. ``--seeds`` repeats everything per params seed (calibration and BN images); the last
-lines give each variant's margin over the best baseline, mean over seeds, with its paired
-standard error over the 1,017 test images. ``--half A|B`` draws the calibration and BN images
-from one fixed random half of the training split only.
+post-processing per row: the prune stage's recovery, i.e. the repair (prune.reconstruct,
+BatchNorm statistics set on the way) in "+ repair" rows and the BatchNorm recalibration alone
+(prune.bn_recalibration_mode) in the others, and no fine-tuning. RD is run once per variant
+(the preset, the paper's rd alone, ...); its cells show the predicted (summed) and the
+measured joint output distortion on the calibration set, and the allocation chosen when it
+was not rd's own. ``--seeds`` repeats everything per params seed (calibration, BN and repair
+images); the last lines give each variant's margin over the best baseline of the same kind
+(with or without repair), mean over seeds, with its paired standard error over the 1,017
+test images, and each stage's mean wall time. ``--half A|B`` draws the images from one fixed
+random half of the training split only.
 
-Run: python benchmarks/bench_quality.py --seeds 0 1 2   (about 25 minutes per seed on 2 cores)
+Run: python benchmarks/bench_quality.py --seeds 0 1 2   (about 1 hour per seed on 2 cores)
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import json
 import math
 import shutil
 import tempfile
@@ -44,25 +48,32 @@ METHODS = ("uniform", "global", "lamp", "erk", "uniform_plus")
 RATIOS = (0.5, 0.6, 0.7, 0.8, 0.9)
 # RD variants: name -> overrides of the preset (the first is the preset itself)
 PAPER = {"candidates": [], "refine": None}  # Xu et al.'s rd alone
+NO_REPAIR = {"prune": {"reconstruct": None}, "profile": {"reconstruct": False}}
 VARIANTS = {
     "preset": {},
-    "rd (paper)": {"allocate": PAPER},
+    "rd + repair": {"allocate": PAPER},
+    "rd + repair, plain curves": {"allocate": PAPER, "profile": {"reconstruct": False}},
+    "rd + repair layerwise": {"allocate": PAPER, "prune": {"reconstruct": "layerwise"}},
+    "rd (paper)": {"allocate": PAPER, **NO_REPAIR},
     "rd + selection": {
         "allocate": {**PAPER, "candidates": ["uniform", "global", "lamp", "erk", "uniform_plus"]}
     },
-    "rd + refine mse": {"allocate": {**PAPER, "refine": "mse"}},
-    "rd + refine ce": {"allocate": {**PAPER, "refine": "ce"}},
+    "rd + refine mse": {"allocate": {**PAPER, "refine": "mse"}, **NO_REPAIR},
+    "rd + refine ce": {"allocate": {**PAPER, "refine": "ce"}, **NO_REPAIR},
     "rd, 256 calib. images": {"calibrate": {"samples": 256}, "allocate": PAPER},
-    "rd, plain curves": {"profile": {"bn_correction": False}, "allocate": PAPER},
+    "rd, no BN-corrected curves": {
+        "profile": {"bn_correction": False, "reconstruct": False},
+        "allocate": PAPER,
+        "prune": {"reconstruct": None},
+    },
     "rd, 3 steps (21 levels)": {
         "profile": {"levels": 21},
         "allocate": {**PAPER, "steps": 3},
     },
 }
-DEFAULT_VARIANTS = ["preset", "rd (paper)"]
-# variants that share the preset's calibration set and distortion table (no re-profiling)
-SAME_TABLE = ("preset", "rd (paper)", "rd + selection", "rd + refine mse", "rd + refine ce")
-BASELINE = {"allocate": PAPER}  # a baseline method alone, on the preset's setup
+DEFAULT_VARIANTS = ["rd + repair", "rd + repair, plain curves", "rd (paper)"]
+# the baselines' rows: name suffix -> overrides of the preset (the same table as rd's)
+BASELINE_KINDS = {" + repair": {"allocate": PAPER}, "": {"allocate": PAPER, **NO_REPAIR}}
 
 
 def merged(base: dict, overrides: dict) -> dict:
@@ -161,9 +172,45 @@ def main() -> None:
     if args.half is not None:
         base["data"]["root"] = str(half_root(Path(base["data"]["root"]), args.half, workdir))
 
+    seconds: dict[str, list[float]] = {}  # stage (and kind) -> wall times
+
+    def timed(params: dict, *stages) -> None:
+        run(root, params, *stages)
+        repaired = params["prune"]["reconstruct"] is not None
+        for stage in stages:
+            name = stage.__name__.rpartition(".")[2]
+            kind = {"profile": params["profile"]["reconstruct"], "prune": repaired}.get(name)
+            label = name + {True: " (repair)", False: " (no repair)", None: ""}[kind]
+            t = io.read_metrics(io.Paths(root).timing(name))["seconds"]
+            seconds.setdefault(label, []).append(t)
+
+    tables: dict[str, Path] = {}  # what the table depends on -> a saved copy
+
+    def table_for(params: dict) -> None:
+        """Profile unless a table of the same calibration and profile params is saved."""
+        prune_keys = ("bn_recalibration", "bn_recalibration_mode", "reconstruct_damping")
+        key = json.dumps(
+            [
+                params["seed"],
+                params["calibrate"],
+                params["profile"],
+                [params["prune"][k] for k in prune_keys],  # what the profile stage reads
+            ],
+            sort_keys=True,
+        )
+        paths = io.Paths(root)
+        if key in tables:
+            for f in (paths.calibration, paths.distortion):
+                shutil.copy(tables[key] / f.name, f)
+            return
+        timed(params, calibrate, profile)
+        tables[key] = workdir / f"table_{len(tables)}"
+        tables[key].mkdir()
+        for f in (paths.calibration, paths.distortion):
+            shutil.copy(f, tables[key] / f.name)
+
     def prune_at(name: str, params: dict, method: str, seed: int, ratio: float) -> dict:
-        run(
-            root,
+        timed(
             merged(params, {"allocate": {"method": method}, "prune": {"ratio": ratio}}),
             allocate,
             prune,
@@ -173,7 +220,9 @@ def main() -> None:
         agree = float((logits.argmax(1) == dense_logits.argmax(1)).float().mean())
         mse = output_distortion(logits, dense_logits)[0]
         fidelity.setdefault(name, {})[seed, ratio] = f"{100 * agree:5.1f} / {mse:5.2f}"
-        return io.read_metrics(io.Paths(root).metrics("prune"))
+        metrics = io.read_metrics(io.Paths(root).metrics("prune"))
+        print(f"  seed {seed} {name} {ratio}: {100 * metrics['accuracy']:.2f}", flush=True)
+        return metrics
 
     try:
         root = workdir / "project"
@@ -181,13 +230,9 @@ def main() -> None:
         run(root, base, baseline)
         dense_logits = test_logits(root, io.Paths(root).baseline, images)
         for seed in seeds:
-            profiled = None  # the overrides of the last profiled variant's table
             for variant, overrides in variants.items():
                 params = merged({**base, "seed": seed}, overrides)
-                table = {k: params[k] for k in ("calibrate", "profile")}
-                if variant not in SAME_TABLE or profiled != table:
-                    run(root, params, calibrate, profile)
-                    profiled = table if variant in SAME_TABLE else None
+                table_for(params)
                 rows.setdefault(variant, {})
                 for ratio in ratios:
                     m = prune_at(variant, params, "rd", seed, ratio)
@@ -197,36 +242,41 @@ def main() -> None:
                         f"({m['predicted_distortion']:.3g}/{m['measured_distortion']:.3g})"
                         + ("" if chosen == "rd" else f" [{chosen}]")
                     )
-            if methods and profiled != {k: base[k] for k in ("calibrate", "profile")}:
-                run(root, {**base, "seed": seed}, calibrate, profile)
-            for method in methods:  # the preset's calibration set and table
-                rows.setdefault(method, {})
-                for ratio in ratios:
-                    params = merged({**base, "seed": seed}, BASELINE)
-                    m = prune_at(method, params, method, seed, ratio)
-                    rows[method][seed, ratio] = f"{100 * m['accuracy']:5.1f}"
+            for suffix, overrides in BASELINE_KINDS.items():
+                params = merged({**base, "seed": seed}, overrides)
+                table_for(params)  # the baselines read no curves: any table of this seed
+                for method in methods:
+                    rows.setdefault(method + suffix, {})
+                    for ratio in ratios:
+                        m = prune_at(method + suffix, params, method, seed, ratio)
+                        rows[method + suffix][seed, ratio] = f"{100 * m['accuracy']:5.1f}"
         dense = io.read_metrics(io.Paths(root).metrics("calibrate"))["dense_accuracy"]
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    where = "" if args.half is None else f", calibration and BN images from half {args.half}"
+    where = "" if args.half is None else f", images from half {args.half} of train/"
     print(
         f"CIFAR-10 subset, pretrained ResNet-20 (dense {100 * dense:.2f} %), one-shot top-1 % "
-        "after BN recalibration, no fine-tuning; rd cells: accuracy (predicted/measured "
-        f"distortion) [the allocation chosen when not rd's own]{where}"
+        "after the prune stage's recovery (repair rows: prune.reconstruct with BatchNorm set "
+        "during the repair; others: BN recalibration), no fine-tuning; rd cells: accuracy "
+        f"(predicted/measured distortion) [the allocation chosen when not rd's own]{where}"
     )
     for seed in seeds:
         print(f"\nseed {seed}")
-        print(f"{'method':<26}" + "".join(f"{int(round(r * 100)):>33}%" for r in ratios))
+        print(f"{'method':<28}" + "".join(f"{int(round(r * 100)):>33}%" for r in ratios))
         for name, cells in rows.items():
-            print(f"{name:<26}" + "".join(f"{cells[seed, r]:>34}" for r in ratios))
+            print(f"{name:<28}" + "".join(f"{cells[seed, r]:>34}" for r in ratios))
     acc = {
         name: {r: torch.stack([h[s, r] for s in seeds]).float().mean().item() for r in ratios}
         for name, h in hits.items()
     }
     print(f"\nmean over seeds {seeds}")
-    print(f"{'method':<26}" + "".join(f"{int(round(r * 100)):>8}%" for r in ratios))
+    print(f"{'method':<28}" + "".join(f"{int(round(r * 100)):>8}%" for r in ratios))
     for name in hits:
-        print(f"{name:<26}" + "".join(f"{100 * acc[name][r]:9.2f}" for r in ratios))
+        print(f"{name:<28}" + "".join(f"{100 * acc[name][r]:9.2f}" for r in ratios))
+    print(
+        "\nmean wall time per stage run (s): "
+        + ", ".join(f"{k} {np.mean(v):.1f} (x{len(v)})" for k, v in sorted(seconds.items()))
+    )
     if not methods:
         print(f"wall time {time.perf_counter() - started:.0f} s")
         return
@@ -236,20 +286,30 @@ def main() -> None:
     )
     for seed in seeds:
         for name, cells in fidelity.items():
-            print(f"{name:<20} s{seed:<4}" + "".join(f"{cells[seed, r]:>16}" for r in ratios))
-    best = {r: max(methods, key=lambda m: acc[m][r]) for r in ratios}
-    print(
-        "minus the best baseline (by mean accuracy) at each ratio, in points, mean over seeds "
-        "(± paired standard error over the test images):"
+            print(f"{name:<28} s{seed:<4}" + "".join(f"{cells[seed, r]:>16}" for r in ratios))
+
+    def margins(title: str, rivals: list[str], names: list[str]) -> None:
+        best = {r: max(rivals, key=lambda m: acc[m][r]) for r in ratios}
+        print(f"\n{title}, in points, mean over seeds (± paired SE over the test images):")
+        for name in names:
+            cells = []
+            for r in ratios:
+                a = torch.stack([hits[name][s, r] for s in seeds])
+                b = torch.stack([hits[best[r]][s, r] for s in seeds])
+                diff, se = paired(a, b)
+                cells.append(f"{diff:+.2f} ± {se:.2f} vs {best[r]}")
+            print(f"  {name:<28}" + "; ".join(cells))
+
+    repaired = [v for v in variants if merged(base, variants[v])["prune"]["reconstruct"]]
+    plain = [v for v in variants if v not in repaired]
+    with_repair = [m + " + repair" for m in methods]
+    margins("minus the best baseline with the same repair", with_repair, repaired)
+    margins("minus the best baseline without repair", list(methods), plain)
+    margins(
+        "minus the best method without repair (any baseline, and rd variants without it)",
+        list(methods) + plain,
+        repaired,
     )
-    for variant in variants:
-        cells = []
-        for r in ratios:
-            a = torch.stack([hits[variant][s, r] for s in seeds])
-            b = torch.stack([hits[best[r]][s, r] for s in seeds])
-            diff, se = paired(a, b)
-            cells.append(f"{diff:+.2f} ± {se:.2f} vs {best[r]}")
-        print(f"  {variant:<26}" + "; ".join(cells))
     print(f"wall time {time.perf_counter() - started:.0f} s")
 
 

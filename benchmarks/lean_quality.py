@@ -43,7 +43,9 @@ def make_blob(path: Path, shared: Path) -> None:
         imgs = np.stack([np.asarray(ds[i][0].convert("RGB")) for i in range(len(ds))])
         out[split] = torch.from_numpy(np.ascontiguousarray(imgs.transpose(0, 3, 1, 2)))
         out[split + "_labels"] = torch.tensor(ds.targets)
-    out["checkpoint"] = torch.load(shared / "models" / "resnet20_cifar10.th", map_location="cpu")
+    out["checkpoint"] = torch.load(
+        shared / "models" / "resnet20_cifar10.th", map_location="cpu", weights_only=True
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(out, path)
 
@@ -86,7 +88,7 @@ def main() -> None:
         return
     torch.set_num_threads(1 if args.device == "cpu" else 8)
     dev = torch.device(args.device)
-    blob = torch.load(args.blob)
+    blob = torch.load(args.blob, weights_only=True)
     train, test = normalise(blob["train"]), normalise(blob["test"]).to(dev)
     train_labels, test_labels = blob["train_labels"], blob["test_labels"].to(dev)
     dense = build_model("cifar_resnet20", 3, 10)
@@ -99,7 +101,7 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     hits_path = args.out / "hits.pt"
-    hits = torch.load(hits_path) if hits_path.exists() else {}
+    hits = torch.load(hits_path, weights_only=True) if hits_path.exists() else {}
     info = {}
 
     names = {m: n for n, m in dense.named_modules()}
@@ -127,9 +129,14 @@ def main() -> None:
         with torch.no_grad():
             ref = torch.cat([dense(x[i : i + 256]) for i in range(0, len(x), 256)])
         numel = prunable_numel(dense)
-        cpath = args.cache / f"curves_{tag}_{args.samples}_{args.levels}.pt"
-        if cpath.exists():
-            curves = torch.load(cpath, weights_only=False)
+        cpath = args.cache / f"curves_{tag}_{args.samples}_{args.levels}.npz"
+        if cpath.exists():  # tensors only: nothing read from disk runs code
+            curves = DistortionCurves(
+                **{
+                    k: v.tolist() if k == "layers" else v
+                    for k, v in np.load(cpath, allow_pickle=False).items()
+                }
+            )
         else:
             t = time.perf_counter()
             grid = sparsity_grid(args.levels)
@@ -148,7 +155,7 @@ def main() -> None:
                 for name in numel
             ]
             curves = DistortionCurves.from_profiles(numel, grid, res, macs_per_weight(dense, x[:1]))
-            torch.save(curves, cpath)
+            np.savez(cpath, **{k: np.asarray(v) for k, v in vars(curves).items()})
             print(f"{tag}: profiled in {time.perf_counter() - t:.0f} s", flush=True)
         weights = {n: m.weight.detach() for n, m in prunable_layers(dense)}
         lo, hi = layer_bounds(curves.layers, {}, [])

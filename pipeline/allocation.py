@@ -140,6 +140,11 @@ class Allocation:
         return float(self.predicted_distortion.sum())
 
     @property
+    def kept_by_layer(self) -> dict[str, int]:
+        """``{layer: kept weights}``, what ``masking.magnitude_masks`` takes."""
+        return dict(zip(self.layers, self.kept.tolist(), strict=True))
+
+    @property
     def flops(self) -> np.ndarray:
         """(L,) int64 kept multiply-accumulates per sample."""
         return self.kept * self.macs_per_weight

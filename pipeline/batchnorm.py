@@ -17,17 +17,15 @@ to the one BatchNorm consuming the pruned layer.
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from pipeline.device import model_device
+from pipeline.patches import Moments, StopForward
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-
-Moments = tuple[torch.Tensor, torch.Tensor]  # per-channel (mean, var), each (C,) float32
 
 
 class ChannelMoments:
@@ -52,75 +50,6 @@ class ChannelMoments:
         mean = self.total / self.count
         var = (self.squares / self.count - mean.pow(2)).clamp_min(0)
         return mean.to(torch.float32), var.to(torch.float32)
-
-
-class PatchMoments:
-    """Exact per-channel moments of a Conv2d's or Linear's output for any number of candidate
-    weights, from moments of its input alone.
-
-    An output channel is w . p + b over input patches p, so its mean over samples and
-    positions is w . E[p] + b and its variance w^T Cov[p] w. The patch moments (sum and Gram
-    matrix, float64) cost one pass over the inputs whatever the number of levels; each level
-    then costs a (C_out x D x D) product instead of convolving the whole calibration set.
-    Supported: Conv2d with zero padding given as numbers (any stride, dilation, groups) and
-    Linear on (N, features); ``of`` returns None for anything else.
-    """
-
-    def __init__(self, module: nn.Module, budget: int) -> None:
-        self.module, self.budget = module, budget
-        self.total: torch.Tensor | None = None  # (G, D) sum of patches
-        self.gram: torch.Tensor | None = None  # (G, D, D) sum of patch outer products
-        self.count = 0  # patches per channel: samples x output positions
-
-    @classmethod
-    def of(cls, module: nn.Module, inp: torch.Tensor, budget: int) -> PatchMoments | None:
-        """An accumulator for ``module`` fed inputs shaped like ``inp``, if supported."""
-        conv = (
-            type(module) is nn.Conv2d
-            and module.padding_mode == "zeros"
-            and not isinstance(module.padding, str)
-        )
-        linear = type(module) is nn.Linear and inp.dim() == 2
-        return cls(module, budget) if conv or linear else None
-
-    def _columns(self, inp: torch.Tensor) -> list[torch.Tensor]:
-        """The patches of ``inp`` as float64 (G, D, M) chunks bounded by the byte budget."""
-        m = self.module
-        if isinstance(m, nn.Linear):
-            return [inp.to(torch.float64).T.unsqueeze(0)]  # (1, D, N)
-        d = inp.shape[1] * math.prod(m.kernel_size)
-        per_sample = max(1, d * math.prod(inp.shape[2:]))  # bound of one sample's columns
-        step = max(1, self.budget // (8 * 2 * per_sample))  # float64, and their transposed copy
-        cols = []
-        for i in range(0, len(inp), step):
-            u = nn.functional.unfold(
-                inp[i : i + step], m.kernel_size, m.dilation, m.padding, m.stride
-            )  # (n, C_in * kh * kw, L), channel-major like the weight
-            cols.append(u.to(torch.float64).transpose(0, 1).reshape(m.groups, d // m.groups, -1))
-        return cols
-
-    def add(self, inp: torch.Tensor) -> None:
-        """Accumulate the patches of a batch of the layer's input (N, ...)."""
-        for c in self._columns(inp):
-            s, g = c.sum(2), torch.bmm(c, c.transpose(1, 2))
-            self.total = s if self.total is None else self.total + s
-            self.gram = g if self.gram is None else self.gram + g
-            self.count += c.shape[2]
-
-    def stats(self, weights: list[torch.Tensor]) -> list[Moments]:
-        """Per weight (shaped like the layer's), the output's (mean, var) float32 (C_out,)."""
-        mean = self.total / self.count  # (G, D)
-        cov = self.gram / self.count - mean.unsqueeze(2) * mean.unsqueeze(1)
-        bias = self.module.bias
-        out = []
-        for w in weights:
-            w = w.to(torch.float64).reshape(mean.shape[0], -1, mean.shape[1])  # (G, C/G, D)
-            m = torch.bmm(w, mean.unsqueeze(2)).flatten()
-            v = (torch.bmm(w, cov) * w).sum(2).flatten().clamp_min(0)
-            if bias is not None:
-                m = m + bias.to(torch.float64)
-            out.append((m.to(torch.float32), v.to(torch.float32)))
-        return out
 
 
 def absolute_stats(bn: nn.Module, dense: Moments, pruned: Moments) -> Moments:
@@ -159,10 +88,6 @@ def batchnorms(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, BN_TYPES)]
 
 
-class _Enough(Exception):
-    """Raised by a hook to stop a forward pass once the wanted input has been seen."""
-
-
 @torch.no_grad()
 def input_moments(
     model: nn.Module, bns: list[nn.Module], inputs: torch.Tensor, batch_size: int
@@ -178,7 +103,7 @@ def input_moments(
             moments[i].add(args[0])
             seen.add(i)
             if len(seen) == len(bns):
-                raise _Enough
+                raise StopForward
 
         return record
 
@@ -188,7 +113,7 @@ def input_moments(
     try:
         for start in range(0, len(inputs), batch_size):
             seen.clear()
-            with contextlib.suppress(_Enough):
+            with contextlib.suppress(StopForward):
                 model(inputs[start : start + batch_size].to(device))
     finally:
         for h in handles:
@@ -244,33 +169,3 @@ def _execution_order(model: nn.Module, bns: list[nn.Module], probe: torch.Tensor
         for h in handles:
             h.remove()
     return list(dict.fromkeys(order))
-
-
-@torch.no_grad()
-def layer_patch_moments(
-    model: nn.Module, layer: nn.Module, inputs: torch.Tensor, batch_size: int, budget: int
-) -> PatchMoments | None:
-    """``PatchMoments`` of what ``layer`` (called once per forward) receives over ``inputs``
-    (N, ...), from passes of ``model`` stopped at it; None where ``PatchMoments`` does not
-    support the layer. ``budget`` bounds the bytes of the patches held at once."""
-    found: list[PatchMoments | None] = []
-
-    def record(module: nn.Module, args: tuple) -> None:
-        if not found:
-            found.append(PatchMoments.of(module, args[0], budget))
-        if found[0] is not None:
-            found[0].add(args[0])
-        raise _Enough
-
-    handle = layer.register_forward_pre_hook(record)
-    model.eval()
-    device = model_device(model)
-    try:
-        for start in range(0, len(inputs), batch_size):
-            with contextlib.suppress(_Enough):
-                model(inputs[start : start + batch_size].to(device))
-            if found and found[0] is None:
-                return None
-    finally:
-        handle.remove()
-    return found[0] if found else None

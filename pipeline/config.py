@@ -74,6 +74,8 @@ class DataParams:
             )
         if self.image_size is not None:
             _check_positive("data.image_size", self.image_size)
+            if self.name == "digits":  # its 8x8 arrays are never resized
+                raise _fail("data.image_size", self.image_size, "null with data.name 'digits'")
         if self.std is not None and any(s <= 0 for s in self.std):
             raise _fail("data.std", self.std, "positive numbers")
 
@@ -120,6 +122,7 @@ class ProfileParams:
     engine: str = "fast"  # fast: suffix-only recomputation; naive: a full forward per level
     memory_mb: int = 64  # bound on one batched multi-level pass of the fast engine (GPU: raise)
     bn_correction: bool = True  # per level, set the consuming BatchNorm by the prune stage's rule
+    reconstruct: bool = True  # per level, repair the layer as prune.reconstruct will (its damping)
 
     def validate(self) -> None:
         from pipeline.distortion import ENGINES
@@ -179,6 +182,13 @@ class AllocateParams:
     def _validate_refine(self) -> None:
         from pipeline.refine import OBJECTIVES
 
+        # checked even while refine is null: a wrong value would surface only when it is on
+        if self.refine_evals < 1:
+            raise _fail("allocate.refine_evals", self.refine_evals, "an integer >= 1")
+        if self.refine_rounds < 0:
+            raise _fail("allocate.refine_rounds", self.refine_rounds, "an integer >= 0")
+        if not 0 < self.refine_holdout < 1:
+            raise _fail("allocate.refine_holdout", self.refine_holdout, "a number in (0, 1)")
         if self.refine is None:
             return
         _check_choice("allocate.refine", self.refine, OBJECTIVES)
@@ -188,12 +198,6 @@ class AllocateParams:
                 self.refine,
                 "null unless allocate.method is 'rd', allocate.steps 1 and allocate.candidates []",
             )
-        if self.refine_evals < 1:
-            raise _fail("allocate.refine_evals", self.refine_evals, "an integer >= 1")
-        if self.refine_rounds < 0:
-            raise _fail("allocate.refine_rounds", self.refine_rounds, "an integer >= 0")
-        if not 0 < self.refine_holdout < 1:
-            raise _fail("allocate.refine_holdout", self.refine_holdout, "a number in (0, 1)")
 
     def targets(self, ratio: float) -> dict[str, float]:
         """measure -> ratio removed, the first being the one prune.ratio sets."""
@@ -205,16 +209,30 @@ class AllocateParams:
 @dataclass(frozen=True)
 class PruneParams:
     ratio: float = 0.8  # fraction of all prunable weights removed
-    bn_recalibration: int = 512  # training images to re-estimate BatchNorm statistics on; 0: off
+    # training images to re-estimate BatchNorm statistics on; 0: off. With reconstruct, the
+    # statistics are set during the repair, on its images: this only switches that on or off.
+    bn_recalibration: int = 512
     bn_recalibration_mode: str = "relative"  # BN_RULES: relative (to the dense model) | absolute
+    reconstruct: str | None = "output"  # null | repair.OBJECTIVES: re-solve the kept weights
+    reconstruct_samples: int = 1024  # training images the repair fits each layer on
+    reconstruct_damping: float = 0.01  # ridge toward the dense weights, x mean Gram diagonal
 
     def validate(self) -> None:
         from pipeline.batchnorm import BN_RULES
+        from pipeline.repair import OBJECTIVES
 
         _check_range("prune.ratio", self.ratio, 0.0, 1.0, hi_open=True)
         _check_choice("prune.bn_recalibration_mode", self.bn_recalibration_mode, BN_RULES)
         if self.bn_recalibration < 0:
             raise _fail("prune.bn_recalibration", self.bn_recalibration, "an integer >= 0 (0: off)")
+        if self.reconstruct is not None:
+            _check_choice("prune.reconstruct", self.reconstruct, OBJECTIVES)
+        if self.reconstruct_samples < 1:
+            raise _fail("prune.reconstruct_samples", self.reconstruct_samples, "an integer >= 1")
+        if not (math.isfinite(self.reconstruct_damping) and self.reconstruct_damping >= 0):
+            raise _fail(
+                "prune.reconstruct_damping", self.reconstruct_damping, "a finite number >= 0"
+            )
 
     @property
     def bn_rule(self) -> str | None:
@@ -309,6 +327,8 @@ class Params:
         from pipeline.device import check_device_name
 
         check_device_name(self.device)
+        if not 0 <= self.seed < 2**32:  # what numpy's and torch's generators both take
+            raise _fail("seed", self.seed, "an integer in [0, 2**32 - 1]")
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if isinstance(section, TrainParams):
@@ -323,6 +343,18 @@ class Params:
                 "BatchNorm recalibration)",
             )
 
+        if self.profile.reconstruct and self.prune.reconstruct is None:
+            raise _fail(
+                "profile.reconstruct",
+                True,
+                "false when prune.reconstruct is null (the curves model the prune stage's repair)",
+            )
+        if self.allocate.refine is not None and self.prune.reconstruct is not None:
+            raise _fail(
+                "allocate.refine",
+                self.allocate.refine,
+                "null when prune.reconstruct is set (its measured moves do not repair)",
+            )
         if self.schedule.rounds:
             self._check_schedule()
 
@@ -349,6 +381,11 @@ class Params:
     def curve_bn_rule(self) -> str | None:
         """The ``BN_RULES`` name the profiled curves correct the consuming BatchNorm by."""
         return self.prune.bn_rule if self.profile.bn_correction else None
+
+    @property
+    def curve_repair(self) -> float | None:
+        """The damping of the repair the profiled curves apply per level; None: none."""
+        return self.prune.reconstruct_damping if self.profile.reconstruct else None
 
 
 def _coerce(key: str, value: Any, hint: Any) -> Any:

@@ -95,19 +95,67 @@ def _require_dir(path: Path, what: str) -> Path:
     return path
 
 
+# What a CIFAR batch's pickle may name: numpy's array and scalar reconstructors and types.
+# Nothing else is looked up, so a file cannot make the unpickler call anything else.
+_CIFAR_GLOBALS = {
+    (module, name)
+    for package in ("numpy.core", "numpy._core")
+    for module, name in (
+        (f"{package}.multiarray", "_reconstruct"),
+        (f"{package}.multiarray", "scalar"),
+        (f"{package}.numeric", "_frombuffer"),
+    )
+} | {("numpy", "ndarray"), ("numpy", "dtype")}
+
+
+def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(images (N, 3, 32, 32) uint8, labels) of one python-pickled CIFAR batch, read by an
+    unpickler that admits only numpy arrays, numpy scalars and plain containers: a file that
+    names anything else is refused with one line naming it, and nothing in it runs."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> object:
+            if (module, name) not in _CIFAR_GLOBALS:
+                raise pickle.UnpicklingError(f"it names {module}.{name}, not CIFAR data")
+            return super().find_class(module, name)
+
+    allowed = "a CIFAR batch: a pickled dict of 'data' (N x 3072 uint8) and 'labels'"
+    try:
+        with open(path, "rb") as handle:
+            entry = Restricted(handle, encoding="latin1").load()
+        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
+        labels = [int(y) for y in entry.get("labels", entry.get("fine_labels", []))]
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        KeyError,
+        TypeError,
+        ValueError,
+        AttributeError,
+        IndexError,
+    ) as exc:
+        raise PipelineError(
+            f"data.root: {path} is not allowed ({exc}); allowed: {allowed}"
+        ) from None
+    if len(labels) != len(data):
+        raise PipelineError(
+            f"data.root: {path} holds {len(data)} images and {len(labels)} labels; "
+            f"allowed: {allowed}"
+        )
+    return data, labels
+
+
 class CifarBatches(Dataset):
     """Images of python-pickled CIFAR batches (torchvision's on-disk format): each file holds
     ``data`` (N, 3072) uint8 rows and ``labels``. Items are (transform(PIL image), label)."""
 
     def __init__(self, files: list[Path], transform) -> None:
-        import pickle
-
         data, labels = [], []
         for f in files:
-            with open(f, "rb") as handle:
-                entry = pickle.load(handle, encoding="latin1")
-            data.append(np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-            labels.extend(entry.get("labels", entry.get("fine_labels", [])))
+            images, batch_labels = read_cifar_batch(f)
+            data.append(images)
+            labels.extend(batch_labels)
         self.images = np.concatenate(data).transpose(0, 2, 3, 1)  # (N, 32, 32, 3)
         self.labels = labels
         self.transform = transform

@@ -16,19 +16,19 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.batchnorm import (
-    BN_RULES,
-    ChannelMoments,
-    Moments,
-    PatchMoments,
-    input_moments,
-    layer_patch_moments,
-    set_running_stats,
-)
+from pipeline.batchnorm import BN_RULES, ChannelMoments, input_moments, set_running_stats
 from pipeline.device import model_device, resolve_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import per_sample_distortion, predict_logits, torch_threads
-from pipeline.masking import mask_pruning, pruned_count
+from pipeline.masking import pruned_count
+from pipeline.patches import (
+    Candidate,
+    Moments,
+    PatchMoments,
+    candidate_params,
+    layer_patch_moments,
+)
+from pipeline.repair import augmented_weight, candidate_rows, equations_solution, moment_equations
 from pipeline.suffix import NotTraceable, SuffixRunner, consumer_batchnorm
 
 log = logging.getLogger(__name__)
@@ -112,6 +112,56 @@ def _grid_counts(weight: torch.Tensor, sparsities: np.ndarray, of_remaining: boo
     return [zeros + pruned_count(weight.numel() - zeros, float(s)) for s in sparsities]
 
 
+class _LevelWeights:
+    """The layer's parameters at each level j: its weight with the ``counts[j]`` smallest
+    magnitudes zeroed (the tie-break of ``mask_pruning``) and, with ``repair`` (the layer's
+    input moments and the damping), the kept weights and the bias re-solved to reproduce the
+    layer's output (repair.py, layer-wise: the layer's input is the dense one). Kept once built
+    while they fit in ``budget`` bytes, so that they are not rebuilt for every batch."""
+
+    def __init__(
+        self,
+        module: nn.Module,
+        counts: list[int],
+        budget: int,
+        repair: tuple[PatchMoments, float] | None = None,
+    ) -> None:
+        self.module, self.counts = module, counts
+        self.weight = module.weight.detach()
+        self.order = torch.argsort(self.weight.abs().flatten(), stable=True)
+        self.cache: dict[int, Candidate] = {}
+        self.equations = moment_equations(repair[0]) if repair is not None else None
+        self.damping = repair[1] if repair is not None else 0.0
+        self.anchor = augmented_weight(module) if repair is not None else None
+        self.keep = budget // self.bytes
+
+    @property
+    def bytes(self) -> int:
+        """Bytes of one level's parameters (the weight; a repaired bias is negligible)."""
+        return self.weight.numel() * self.weight.element_size()
+
+    def __call__(self, j: int) -> Candidate:
+        if j in self.cache:
+            return self.cache[j]
+        keep = torch.ones(self.weight.numel(), dtype=torch.bool, device=self.weight.device)
+        keep[self.order[: self.counts[j]]] = False  # mask_pruning's mask, from the one sort
+        keep = keep.view_as(self.weight)
+        pruned: Candidate = self.weight * keep
+        if self.equations is not None:
+            rows = equations_solution(
+                self.module, self.equations, keep, self.damping, dense=self.anchor
+            )
+            pruned = candidate_rows(self.module, rows)
+        if len(self.cache) < self.keep:
+            self.cache[j] = pruned
+        return pruned
+
+
+def _set_params(module: nn.Module, candidate: Candidate) -> None:
+    for name, value in candidate_params(candidate).items():
+        getattr(module, name).copy_(value)
+
+
 @torch.no_grad()
 def profile_naive(
     layer: str,
@@ -123,16 +173,18 @@ def profile_naive(
     memory_mb: int,
     bn_correction: str | None = None,
     of_remaining: bool = False,
+    repair: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper's algorithm: one full forward pass of the calibration set per level. With
-    ``bn_correction``, what the consuming BatchNorm receives is measured first (one pass up to
-    the layer for all levels; for layers ``PatchMoments`` does not support, a pass up to the
-    BatchNorm per level). Runs on the model's device."""
+    ``bn_correction`` or ``repair``, the moments of the layer's input are measured first (one
+    pass up to the layer for all levels; for layers ``PatchMoments`` does not cover, what the
+    BatchNorm receives is measured by a pass up to it per level). Runs on the model's device."""
     device = model_device(model)
     inputs, reference = inputs.to(device), reference.to(device)  # once, not per level
     modules = dict(model.named_modules())
-    weight = modules[layer].weight
-    original = weight.detach().clone()
+    module = modules[layer]
+    saved_params = {n: p.detach().clone() for n, p in module.named_parameters(recurse=False)}
+    original = saved_params["weight"]
     bn_name = consumer_batchnorm(model, layer) if bn_correction else None
     bn = modules[bn_name] if bn_name else None
     saved = (bn.running_mean.clone(), bn.running_var.clone()) if bn is not None else None
@@ -140,35 +192,46 @@ def profile_naive(
     # pass over the input gives exact moments for every level (see PatchMoments), the same
     # computation as the fast engine's. Other layers: one more pass per level, up to the BN.
     patches = (
-        layer_patch_moments(model, modules[layer], inputs, batch_size, memory_mb << 20)
-        if bn is not None
+        layer_patch_moments(
+            model, module, inputs, batch_size, memory_mb << 20, for_bn=repair is None
+        )
+        if bn is not None or repair is not None
         else None
     )
+    if repair is not None and patches is None:
+        # never called as a module (an attention block's out_proj): its input cannot be seen,
+        # so the prune stage's walk cannot repair it either; its curve is the plain one
+        log.info("profile layer %s: not repaired (no module call to see its input)", layer)
+        repair = None
+    bn_patches = patches if patches is not None and patches.channel_moments else None
     if bn is None:
         dense = None
-    elif patches is not None:
-        (dense,) = patches.stats([original])
+    elif bn_patches is not None:
+        (dense,) = bn_patches.stats([original])
     else:
         dense = input_moments(model, [bn], inputs, batch_size)[0]
+    counts = _grid_counts(original, sparsities, of_remaining)
+    levels = _LevelWeights(module, counts, 0, (patches, repair) if repair is not None else None)
     means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     zeros = int((original == 0).sum())
     try:
-        for j, k in enumerate(_grid_counts(original, sparsities, of_remaining)):
+        for j, k in enumerate(counts):
             if k <= zeros:
                 continue  # only zeros pruned: the network is unchanged, distortion is 0
-            weight.copy_(original * mask_pruning(original, k))
+            candidate = levels(j)
+            _set_params(module, candidate)
             if bn is not None:
                 # the rule reads the dense statistics; what the BN receives does not
                 set_running_stats(bn, saved)
-                if patches is not None:
-                    (pruned,) = patches.stats([weight])
+                if bn_patches is not None:
+                    (pruned,) = bn_patches.stats([candidate])
                 else:
                     pruned = input_moments(model, [bn], inputs, batch_size)[0]
                 set_running_stats(bn, BN_RULES[bn_correction](bn, dense, pruned))
             d = per_sample_distortion(predict_logits(model, inputs, batch_size), reference)
             means[j], maxes[j] = float(d.mean()), float(d.max())
     finally:
-        weight.copy_(original)
+        _set_params(module, saved_params)
         if bn is not None:
             set_running_stats(bn, saved)
     return means, maxes
@@ -185,6 +248,7 @@ def profile_fast(
     memory_mb: int,
     bn_correction: str | None = None,
     of_remaining: bool = False,
+    repair: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Suffix-only recomputation (see suffix.py), several levels per batched pass, on the
     model's device.
@@ -194,18 +258,10 @@ def profile_fast(
     model's output. Running out of GPU memory is no reason to fall back: the passes shrink
     (``_profile_suffix``).
     """
+    args = (layer, model, inputs, reference, sparsities, batch_size, memory_mb)
+    options = {"bn_correction": bn_correction, "of_remaining": of_remaining, "repair": repair}
     try:
-        runner = SuffixRunner(model, layer)
-        return _profile_suffix(
-            runner,
-            inputs,
-            reference,
-            sparsities,
-            batch_size,
-            memory_mb,
-            bn_correction,
-            of_remaining,
-        )
+        return _profile_suffix(SuffixRunner(model, layer), *args[2:], **options)
     except torch.OutOfMemoryError as exc:  # a RuntimeError, but no reason for the slow engine
         raise PipelineError(
             f"profile layer {layer}: out of GPU memory with one level per pass or outside the "
@@ -216,80 +272,63 @@ def profile_fast(
         log.warning(
             "profile layer %s: fast engine unavailable (%s); using full forward passes", layer, exc
         )
-        return profile_naive(
-            layer,
-            model,
-            inputs,
-            reference,
-            sparsities,
-            batch_size,
-            memory_mb,
-            bn_correction,
-            of_remaining,
-        )
+        return profile_naive(*args, **options)
 
 
 class _SuffixMismatch(Exception):
     pass
 
 
-class _PrunedWeights:
-    """The layer's weight with the ``counts[j]`` smallest magnitudes zeroed, per level j
-    (the tie-break of ``mask_pruning``). Kept once built while they fit in ``budget`` bytes,
-    so that they are not rebuilt for every calibration batch."""
-
-    def __init__(self, weight: torch.Tensor, counts: list[int], budget: int) -> None:
-        self.weight, self.counts = weight, counts
-        self.order = torch.argsort(weight.abs().flatten(), stable=True)
-        self.keep = budget // (weight.numel() * weight.element_size())
-        self.cache: dict[int, torch.Tensor] = {}
-
-    def __call__(self, j: int) -> torch.Tensor:
-        if j in self.cache:
-            return self.cache[j]
-        flat = self.weight.flatten().clone()
-        flat[self.order[: self.counts[j]]] = 0
-        pruned = flat.view_as(self.weight)
-        if len(self.cache) < self.keep:
-            self.cache[j] = pruned
-        return pruned
-
-
 def _level_chunks(todo: list[int], group: int) -> list[list[int]]:
     return [todo[i : i + group] for i in range(0, len(todo), group)] or [[]]
+
+
+def _input_moments(
+    runner: SuffixRunner, inputs: torch.Tensor, batch_size: int, budget: int, for_bn: bool
+) -> PatchMoments | None:
+    """Moments of the layer's input patches over the calibration set (one upstream pass), or
+    None where ``PatchMoments`` does not cover the layer (``for_bn``: as a BatchNorm's
+    channels)."""
+    if len(runner.sites) != 1:  # every call of the layer: passes of the whole model
+        return layer_patch_moments(
+            runner.gm, runner.module, inputs, batch_size, budget, for_bn=for_bn
+        )
+    patches = None
+    for start in range(0, len(inputs), batch_size):
+        inp = runner.layer_input(runner.upstream(inputs[start : start + batch_size]))
+        if patches is None:
+            patches = PatchMoments.of(runner.module, inp, budget, for_bn=for_bn)
+            if patches is None:
+                return None
+        patches.add(inp)
+    return patches
 
 
 def _bn_stats(
     runner: SuffixRunner,
     inputs: torch.Tensor,
     todo: list[int],
-    pruned: _PrunedWeights,
+    levels: _LevelWeights,
+    patches: PatchMoments | None,
     batch_size: int,
     budget: int,
     rule: str,
 ) -> dict[int, Moments]:
     """Per level: the consuming BatchNorm's statistics by ``BN_RULES[rule]`` from the moments
-    of the pruned layer's output over the calibration set (and of its current output)."""
+    of the layer's output over the calibration set at that level (and at its current weight):
+    from the input patches' moments when they give channel moments, else from the outputs."""
     weight = runner.module.weight.detach()
     bn = runner.gm.get_submodule(runner.bn_node.target)
-    starts = range(0, len(inputs), batch_size)
-    patches = None  # moments from the layer's input, when supported: no pass per level
-    for start in starts:
-        inp = runner.layer_input(runner.upstream(inputs[start : start + batch_size]))
-        patches = PatchMoments.of(runner.module, inp, budget) if start == 0 else patches
-        if patches is None:
-            break
-        patches.add(inp)
-    if patches is not None:
-        dense, *levels = patches.stats([weight, *(pruned(j) for j in todo)])
-        return {j: BN_RULES[rule](bn, dense, m) for j, m in zip(todo, levels, strict=True)}
+    if patches is not None and patches.channel_moments:
+        dense, *per_level = patches.stats([weight, *(levels(j) for j in todo)])
+        return {j: BN_RULES[rule](bn, dense, m) for j, m in zip(todo, per_level, strict=True)}
     moments = {j: ChannelMoments() for j in [-1, *todo]}  # -1: the layer's current weight
-    group = max(1, budget // (weight.numel() * weight.element_size()))
-    for start in starts:
+    group = max(1, budget // levels.bytes)
+    for start in range(0, len(inputs), batch_size):
         frontier = runner.upstream(inputs[start : start + batch_size])
         for chunk in _level_chunks([-1, *todo], group):
             outputs = runner.layer_outputs(
-                frontier, [pruned(j) if j >= 0 else weight for j in chunk]
+                frontier, [levels(j) if j >= 0 else weight for j in chunk]
             )
             for j, out in zip(chunk, outputs, strict=True):
                 moments[j].add(out)
@@ -306,6 +345,7 @@ def _profile_suffix(
     memory_mb: int,
     bn_correction: str | None,
     of_remaining: bool = False,
+    repair: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     weight = runner.module.weight.detach()
     inputs, reference = inputs.to(weight.device), reference.to(weight.device)
@@ -315,28 +355,79 @@ def _profile_suffix(
     todo = [j for j, k in enumerate(counts) if k > zeros]
     sums, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     budget = memory_mb << 20
-    pruned = _PrunedWeights(weight, counts, budget)
-    # each level of a pass holds its own pruned copy of the weight (VGG's FC: 400 MB each)
-    weight_group = max(1, budget // (weight.numel() * weight.element_size()))
-    correct = bn_correction is not None and runner.bn_node is not None
-    stats = (
-        _bn_stats(runner, inputs, todo, pruned, batch_size, budget, bn_correction)
-        if correct and todo
-        else {}
+    correct = bn_correction is not None and runner.bn_node is not None and bool(todo)
+    patches = (
+        _input_moments(runner, inputs, batch_size, budget, for_bn=repair is None)
+        if (correct or repair is not None) and todo
+        else None
     )
+    if repair is not None and todo and patches is None:
+        raise NotTraceable(f"repair does not cover {type(runner.module).__name__}")
+    levels = _LevelWeights(
+        runner.module,
+        counts,
+        budget,
+        (patches, repair) if patches is not None and repair is not None else None,
+    )
+    # each level of a pass holds its own copy of the parameters (VGG's FC: 400 MB each); with
+    # repair, the levels whose solutions fit in the budget run together, so none is solved
+    # twice (each block then pays its upstream passes again)
+    weight_group = max(1, budget // levels.bytes)
+    blocks = _level_chunks(todo, weight_group) if repair is not None else [todo]
+    for b, block in enumerate(blocks):
+        stats = (
+            _bn_stats(runner, inputs, block, levels, patches, batch_size, budget, bn_correction)
+            if correct and block
+            else {}
+        )
+        _suffix_passes(
+            runner,
+            inputs,
+            reference,
+            block,
+            levels,
+            stats,
+            batch_size,
+            budget,
+            b == 0,
+            sums,
+            maxes,
+        )
+        levels.cache.clear()
+    return sums / len(inputs), maxes
+
+
+def _suffix_passes(
+    runner: SuffixRunner,
+    inputs: torch.Tensor,
+    reference: torch.Tensor,
+    todo: list[int],
+    levels: _LevelWeights,
+    stats: dict[int, Moments],
+    batch_size: int,
+    budget: int,
+    check: bool,
+    sums: np.ndarray,
+    maxes: np.ndarray,
+) -> None:
+    """Add the per-sample distortions of levels ``todo`` over the calibration set into
+    ``sums`` and ``maxes`` (K,). ``check``: the first pass also runs the layer's own weight,
+    which must reproduce the model's output."""
+    weight = runner.module.weight.detach()
+    weight_group = max(1, budget // levels.bytes)
     cap = max(1, len(todo))  # levels per pass; halved for good on a GPU out-of-memory error
     for start in range(0, len(inputs), batch_size):
         x, ref = inputs[start : start + batch_size], reference[start : start + batch_size]
         frontier = runner.upstream(x)
         per_level = runner.bytes_per_sample(frontier) * len(x)
-        done, check = 0, start == 0  # the first pass also checks the layer's own weight
-        while done < len(todo) or check:
+        done, first = 0, check and start == 0
+        while done < len(todo) or first:
             group = max(1, min(budget // per_level, weight_group, cap))
             chunk = todo[done : done + group]
-            weights = [pruned(j) for j in chunk]
-            bn = [stats[j] for j in chunk] + [None] * check if correct else None
+            candidates = [levels(j) for j in chunk] + [weight] * first
+            bn = [stats[j] for j in chunk] + [None] * first if stats else None
             try:
-                logits = runner.run(frontier, weights + [weight] if check else weights, bn)
+                logits = runner.run(frontier, candidates, bn)
             except torch.OutOfMemoryError:
                 if group == 1:
                     raise
@@ -348,20 +439,19 @@ def _profile_suffix(
                     cap,
                 )
                 continue
-            logits = logits.view(len(weights) + check, len(x), -1)
-            if check:
+            logits = logits.view(len(candidates), len(x), -1)
+            if first:
                 own, expected = logits[-1], runner.gm(x)  # the model as it is (maybe pruned)
                 if own.shape != expected.shape or not torch.allclose(
                     own, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())
                 ):
                     raise _SuffixMismatch("the suffix pass does not reproduce the model's logits")
-                logits, check = logits[:-1], False
+                logits, first = logits[:-1], False
             if chunk:
                 d = per_sample_distortion(logits, ref).cpu().numpy()  # (levels, samples)
                 sums[chunk] += d.sum(axis=1)
                 maxes[chunk] = np.maximum(maxes[chunk], d.max(axis=1))
             done += len(chunk)
-    return sums / len(inputs), maxes
 
 
 ProfileEngine = Callable[..., tuple[np.ndarray, np.ndarray]]
@@ -382,6 +472,7 @@ def profile_layer(
     bn_correction: str | None = None,
     device: str | None = None,
     of_remaining: bool = False,
+    repair: float | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distortion curve of one layer: (mean, max), each (K,) float64 over ``sparsities``.
 
@@ -392,21 +483,17 @@ def profile_layer(
     set by that rule, as the prune stage's BN recalibration will. ``device``: a ``device``
     param name, resolved here (under Ray: on the worker) and the model moved there; None: run
     where the model is. ``of_remaining``: each sparsity is a fraction of the layer's non-zero
-    weights, pruned after its zeros (the grid of an iterative round on a pruned model). Inputs
-    may be on any device; the curves are CPU arrays. The model's weights are left unchanged,
-    so it may be shared.
+    weights, pruned after its zeros (the grid of an iterative round on a pruned model).
+    ``repair``: None, or the damping of the layer-wise repair (repair.py) applied at each level
+    before measuring, as the prune stage's ``prune.reconstruct`` will (alone in the network,
+    the layer's input is the dense one, so both objectives give the same weights). Inputs may
+    be on any device; the curves are CPU arrays. The model's weights are left unchanged, so it
+    may be shared.
     """
     if device is not None:
         model = model.to(resolve_device(device))
+    args = (layer, model, inputs, reference, sparsities, batch_size, memory_mb)
     with torch_threads(threads):
         return ENGINES[engine](
-            layer,
-            model,
-            inputs,
-            reference,
-            sparsities,
-            batch_size,
-            memory_mb,
-            bn_correction,
-            of_remaining,
+            *args, bn_correction=bn_correction, of_remaining=of_remaining, repair=repair
         )

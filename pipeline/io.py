@@ -107,6 +107,12 @@ class Paths:
     def defaults(self) -> Path:
         return self._at("defaults")
 
+    @property
+    def model_code(self) -> Path:
+        """The digest of a user model's code (validate): a dependency of every stage that
+        builds the model."""
+        return self._at("model_code")
+
     FIGURES = ("distortion_curves", "allocation", "pareto", "joint_distortion")
 
     def figures(self) -> list[Path]:
@@ -126,33 +132,79 @@ class Paths:
 
 
 # ---------------------------------------------------------------------------- atomic writes
+TEMPORARY = ".*.tmp"  # the names write_bytes_atomic gives its temporary files
+
+
 def write_bytes_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one. A
+    failure (a full disk, no permission) leaves the old file and no temporary, and is one
+    ``PipelineError`` naming the file and the cause."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        raise PipelineError(
+            f"cannot write {path}: {exc.strerror or exc}; allowed: a disk with free space "
+            "that this user can write (the earlier file is left as it was)"
+        ) from None
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def remove_temporaries(paths: Paths) -> list[Path]:
+    """Delete the temporary files a killed stage left in the output folders (a stray one in
+    ``artifacts/rounds/`` would change that folder's DVC hash); returns them."""
+    folders = {paths._at(name).parent for name in _layout() if name != "params"}
+    folders |= {paths._at(name) for name in ("metrics", "plots", "timings", "rounds")}
+    found = sorted({p for folder in folders if folder.is_dir() for p in folder.rglob(TEMPORARY)})
+    for path in found:
+        path.unlink(missing_ok=True)
+    return found
 
 
 # ---------------------------------------------------------------------------- params
 def read_params(path: Path) -> Params:
     """Parse and validate params.yaml."""
+    return load_params(read_params_mapping(path))
+
+
+def read_params_mapping(path: Path) -> Any:
+    """params.yaml as parsed, before validation (floats read as DVC reads them)."""
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"params file not found: {path}")
     try:
-        mapping = yaml.safe_load(path.read_text())
+        return yaml.load(path.read_text(), Loader=_Yaml12Floats)  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as exc:
         raise PipelineError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
-    return load_params(mapping)
+
+
+class _Yaml12Floats(yaml.SafeLoader):
+    """PyYAML's safe loader reading floats as YAML 1.2 (and DVC) do: ``1e-1`` and ``5E3`` are
+    numbers, not strings (YAML 1.1 wants a dot)."""
+
+
+_Yaml12Floats.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(
+        r"^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)"
+        r"|\.[0-9_]+(?:[eE][-+]?[0-9]+)?"
+        r"|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"
+    ),
+    list("-+0123456789."),
+)
 
 
 # ---------------------------------------------------------------------------- checkpoints

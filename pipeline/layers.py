@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
@@ -29,7 +30,9 @@ def macs_per_weight(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
 
     sample: one input batch (N, ...) of the real shape. A conv weight is used once per output
     position (the product of the output's spatial dims); a linear weight once per output
-    row (1 for (N, features) inputs, the sequence length for (N, T, features)).
+    row (1 for (N, features) inputs, the sequence length for (N, T, features)). The output
+    projection of an ``nn.MultiheadAttention``, which it applies without calling the module,
+    once per query token.
     """
     found: dict[str, int] = {}
 
@@ -41,7 +44,20 @@ def macs_per_weight(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
 
         return record
 
+    def attention(name: str):
+        def record(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            query = args[0] if args else kwargs["query"]
+            tokens = query.shape[1 if module.batch_first else 0] if query.dim() == 3 else 1
+            found.setdefault(f"{name}.out_proj" if name else "out_proj", tokens)
+
+        return record
+
     handles = [m.register_forward_hook(hook(name)) for name, m in prunable_layers(model)]
+    handles += [
+        m.register_forward_hook(attention(name), with_kwargs=True)
+        for name, m in model.named_modules()
+        if isinstance(m, nn.MultiheadAttention)
+    ]
     try:
         model.eval()
         model(sample[:1].to(model_device(model)))
@@ -49,3 +65,16 @@ def macs_per_weight(model: nn.Module, sample: torch.Tensor) -> dict[str, int]:
         for h in handles:
             h.remove()
     return {name: found.get(name, 0) for name, _ in prunable_layers(model)}
+
+
+def weight_matrices(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Every parameter with two or more dimensions (the weight matrices and kernels), by
+    ``named_parameters()`` name."""
+    return {name: p for name, p in model.named_parameters() if p.dim() >= 2}
+
+
+def unpruned_matrices(model: nn.Module) -> list[str]:
+    """Weight matrices no prunable layer owns (e.g. ``nn.MultiheadAttention.in_proj_weight``,
+    embeddings): the pipeline leaves them dense."""
+    owned = {f"{name}.weight" if name else "weight" for name, _ in prunable_layers(model)}
+    return [name for name in weight_matrices(model) if name not in owned]

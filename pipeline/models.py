@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import logging
 from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
 
 from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
 
 ModelFactory = Callable[[int, int], nn.Module]
 MODELS: dict[str, ModelFactory] = {}
@@ -152,9 +155,11 @@ def _user_factory(spec: str) -> ModelFactory:
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # whatever the user's module raises while it is imported
+        first = (str(exc).strip().splitlines() or [""])[0]
         raise PipelineError(
-            f"model.arch = {spec!r} cannot be imported ({exc}); allowed: package.module:factory"
+            f"model.arch = {spec!r} cannot be imported ({type(exc).__name__}: {first}); "
+            "allowed: package.module:factory, importable from the project root"
         ) from None
     if not callable(factory):
         raise PipelineError(
@@ -239,4 +244,19 @@ def load_weights(
             if keys
         )
         raise PipelineError(f"checkpoint {source} does not match model.arch = {arch!r} ({detail})")
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
+    if bad:
+        raise PipelineError(
+            f"checkpoint {source} holds NaN or inf in {', '.join(bad[:3])}"
+            f"{' …' if len(bad) > 3 else ''}; allowed: finite weights"
+        )
+    converted = sorted(
+        {
+            f"{v.dtype} -> {own[k].dtype}".replace("torch.", "")
+            for k, v in state_dict.items()
+            if v.is_floating_point() and v.dtype != own[k].dtype
+        }
+    )
+    if converted:  # load_state_dict converts silently; a half-precision source loses nothing
+        log.warning("checkpoint %s: its weights are converted (%s)", source, ", ".join(converted))
     model.load_state_dict(state_dict)

@@ -254,24 +254,74 @@ def _probe_error(where: str, exc: Any, token_source: str | None) -> PipelineErro
 # ---- the ray backend ----------------------------------------------------------------------
 
 
+# Ray's local-only mode (its default on macOS and Windows): the node's address is 127.0.0.1,
+# so the GCS, raylet, workers, agents and metrics exporter listen on loopback alone.
+LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _this_machine_only() -> Iterator[None]:
+    """While a private instance starts: Ray resolves its node address to 127.0.0.1 (the
+    processes it starts inherit the setting; the driver reads Ray's constant, which this
+    process may have fixed at an earlier import), and files it creates, its token among
+    them, are readable by this user alone (umask 077). Restored afterwards, so that a later
+    connection to a cluster from this process is not confined to loopback."""
+    from ray._private import ray_constants
+
+    saved = os.environ.get(LOCAL_ONLY_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    umask = os.umask(0o077)
+    os.environ[LOCAL_ONLY_ENV] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        os.umask(umask)
+        ray_constants.ENABLE_RAY_CLUSTER = saved[1]
+        if saved[0] is None:
+            os.environ.pop(LOCAL_ONLY_ENV, None)
+        else:
+            os.environ[LOCAL_ONLY_ENV] = saved[0]
+
+
+def token_path() -> Path:
+    """The token file Ray reads and writes: $RAY_AUTH_TOKEN_PATH, else ~/.ray/auth_token."""
+    return Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+
+
+def _keep_token_private() -> None:
+    """A token file of this user's that others can read (Ray writes it 0644) becomes 0600: it
+    lets whoever holds it run code on any instance that trusts it."""
+    path = token_path()
+    try:
+        info = path.stat()
+        if info.st_uid == os.getuid() and info.st_mode & 0o077:
+            path.chmod(0o600)
+            log.info("ray: made %s readable by its owner alone (it was %o)", path, info.st_mode)
+    except OSError:  # absent, or not ours to change: Ray reports what it needs
+        pass
+
+
 def _init_ray(params: RayParams) -> None:
     import ray
 
     target = _target(params)
+    _keep_token_private()
     if target is None:
         # address="local" starts a new private instance: never a `ray start` cluster that
         # happens to run on this machine, and RAY_ADDRESS (handled above) is not read.
         try:
-            ray.init(
-                address="local",
-                num_cpus=params.num_cpus,
-                include_dashboard=False,
-                logging_level=logging.WARNING,
-            )
+            with _this_machine_only():
+                ray.init(
+                    address="local",
+                    num_cpus=params.num_cpus,
+                    include_dashboard=False,
+                    logging_level=logging.WARNING,
+                )
         except Exception as exc:
             raise PipelineError(
                 f"could not start a local Ray instance: {_first_line(exc)}"
             ) from None
+        _keep_token_private()
         return
     key, address = target
     probe(key, address)

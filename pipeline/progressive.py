@@ -45,7 +45,7 @@ def progressive_allocation(
             curves = reprofile(model)
         targets = {m: schedules[m][i] for m in problem.targets}
         allocation = allocate(method, replace(problem, curves=curves, lo=lo, targets=targets))
-        kept = dict(zip(allocation.layers, allocation.kept.tolist(), strict=True))
+        kept = allocation.kept_by_layer
         apply_masks(model, magnitude_masks(model, kept))
         if recalibrate is not None:
             recalibrate(model)

@@ -13,16 +13,22 @@ from torch import nn
 
 from pipeline import io
 from pipeline.allocation import kept_budget, layer_bounds
-from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
-from pipeline.data import DatasetSplits, calibration_subset, load_dataset
+from pipeline.data import DatasetSplits, load_dataset
 from pipeline.device import device_identity, model_device
 from pipeline.errors import PipelineError
 from pipeline.evaluation import accuracy
 from pipeline.layers import macs_per_weight, prunable_numel
 from pipeline.masking import masks_from_zeros, pruned_count
 from pipeline.schedule import RoundSettings, target_sparsity
-from pipeline.stage import load_model, log, log_epoch, profile_curves
+from pipeline.stage import (
+    load_model,
+    log,
+    log_epoch,
+    profile_curves,
+    recovery,
+    recovery_images,
+)
 from pipeline.tracking import RunRecord
 from pipeline.training import train
 
@@ -60,7 +66,7 @@ class RoundSetup:
     start: nn.Module  # the baseline model, on the device: round 1 starts from it
     inputs: torch.Tensor  # (N, ...) calibration inputs, on the device
     splits: DatasetSplits
-    bn_images: torch.Tensor | None  # BatchNorm recalibration images (prune.bn_recalibration)
+    images: torch.Tensor | None  # the recovery's images (stage.recovery_images)
     macs: dict[str, int]
     key_settings: dict[str, Any]
     meta: dict[str, str]  # allocation table metadata
@@ -74,13 +80,12 @@ class RoundSetup:
     def steps(self, round_index: int) -> dict[str, Any]:
         """The injected steps of ``run_round`` for round ``round_index``."""
         params = self.params
-        batch, rule = params.calibrate.batch_size, params.prune.bn_rule
 
         def profile(model: nn.Module, reference: torch.Tensor):
             return profile_curves(params, model, self.inputs, reference, of_remaining=True)
 
-        def recalibrate(model: nn.Module, start: nn.Module) -> None:
-            recalibrate_bn(model, start, self.bn_images, batch, rule)
+        def recover(model: nn.Module, start: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+            self.settings.recover(model, start, masks, self.images)
 
         def retrain(model: nn.Module) -> None:
             train(
@@ -96,7 +101,7 @@ class RoundSetup:
         return {
             "profile": profile,
             "macs_per_weight": self.macs,
-            "recalibrate": recalibrate if rule is not None else None,
+            "recover": recover if self.settings.recover.active else None,
             "retrain": retrain,
             "evaluate": lambda model: accuracy(model, self.splits.test),
         }
@@ -150,14 +155,7 @@ def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
     lo, hi = layer_bounds(list(numel), params.allocate.limits, params.allocate.exclude)
     macs = macs_per_weight(start, inputs[:1])
     check_reachable(params, numel, macs)
-    bn_images = None
-    if params.prune.bn_rule is not None:
-        bn_images, _ = calibration_subset(
-            splits.train_eval,
-            params.prune.bn_recalibration,
-            params.seed + 1,
-            "prune.bn_recalibration",
-        )
+    images = recovery_images(params, splits.train_eval)
     settings = RoundSettings(
         amount=params.schedule.amount,
         method=params.allocate.method,
@@ -168,7 +166,7 @@ def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
         levels=params.profile.levels,
         batch_size=params.calibrate.batch_size,
         candidates=tuple(params.allocate.candidates),
-        bn_rule=params.prune.bn_rule,
+        recover=recovery(params),
     )
     return RoundSetup(
         params=params,
@@ -176,7 +174,7 @@ def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
         start=start,
         inputs=inputs,
         splits=splits,
-        bn_images=bn_images,
+        images=images,
         macs=macs,
         slack=len(numel) / sum(numel.values()),
         key_settings=key_settings(params),

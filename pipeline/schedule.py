@@ -13,8 +13,9 @@ is ``1 - (1 - amount) ** k``. Each round
    sparsity; the baselines apply their rule to the current weights (global magnitude and LAMP
    score the non-zero weights, uniform and ERK densities are of whole layers), so masks only
    grow, as in LAMP's protocol;
-4. prunes by magnitude, recalibrates BatchNorm against the model it started from (the same
-   rule for every method), and retrains with the masks held fixed.
+4. prunes by magnitude, recovers against the model it started from (repair and / or
+   BatchNorm recalibration, the same for every method), and retrains with the masks held
+   fixed.
 
 Pure: profiling, recalibration, retraining and evaluation are injected; no I/O.
 """
@@ -37,6 +38,7 @@ from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.evaluation import output_distortion, predict_logits
 from pipeline.layers import prunable_layers, prunable_numel
 from pipeline.masking import apply_masks, magnitude_masks, zero_count
+from pipeline.repair import Recovery
 from pipeline.selection import select_measured
 
 
@@ -135,7 +137,7 @@ class RoundSettings:
     levels: int  # grid size of the round's curves
     batch_size: int  # calibration images per forward pass
     candidates: tuple[str, ...] = ()  # methods competing with ``method`` by measured distortion
-    bn_rule: str | None = None  # ``BN_RULES`` name the candidates are measured after
+    recover: Recovery = Recovery()  # what the candidates are measured after
 
 
 @dataclass(frozen=True)
@@ -154,16 +156,16 @@ def run_round(
     *,
     profile: Callable[[nn.Module, torch.Tensor], DistortionCurves],
     macs_per_weight: Mapping[str, int],
-    recalibrate: Callable[[nn.Module, nn.Module], None] | None,
+    recover: Callable[[nn.Module, nn.Module, Mapping[str, torch.Tensor]], None] | None,
     retrain: Callable[[nn.Module], None],
     evaluate: Callable[[nn.Module], float],
 ) -> RoundResult:
     """Round ``round_index`` (1-based) from ``model`` (the previous round's; left unchanged).
 
     inputs: (N, ...) calibration inputs. profile(model, reference) -> curves of the model
-    against ``reference`` (N, classes) on the remaining-weight grid; recalibrate(pruned,
-    start) sets BatchNorm statistics after masking (None: off); retrain(model) trains in
-    place with its zeros held; evaluate(model) -> test accuracy in [0, 1].
+    against ``reference`` (N, classes) on the remaining-weight grid; recover(pruned, start,
+    masks) repairs and / or recalibrates BatchNorm after masking (None: off); retrain(model)
+    trains in place with its zeros held; evaluate(model) -> test accuracy in [0, 1].
     """
     clock = {"start": time.perf_counter()}
 
@@ -185,15 +187,15 @@ def run_round(
     selected, measured_by = methods[0], {}
     if len(methods) > 1:
         selected, measured_by = select_measured(
-            start, allocations, inputs, reference, settings.batch_size, settings.bn_rule
+            start, allocations, inputs, reference, settings.batch_size, settings.recover
         )
     allocation = allocations[selected]
     lap("allocate")
     model = copy.deepcopy(start)
-    kept = dict(zip(allocation.layers, allocation.kept.tolist(), strict=True))
-    apply_masks(model, magnitude_masks(model, kept))
-    if recalibrate is not None:
-        recalibrate(model, start)
+    masks = magnitude_masks(model, allocation.kept_by_layer)
+    apply_masks(model, masks)
+    if recover is not None:
+        recover(model, start, masks)
     measured = output_distortion(predict_logits(model, inputs, settings.batch_size), reference)[0]
     before = evaluate(model)
     lap("prune")

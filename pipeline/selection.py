@@ -2,8 +2,8 @@
 
 The additivity model predicts the network's distortion as a sum of single-layer curves; at
 high sparsity it can mis-rank allocations. Measuring each candidate's joint output distortion
-on the calibration set, after the same BatchNorm recalibration the prune stage applies, ranks
-them by what the objective actually is. Pure: no I/O.
+on the calibration set, after the same recovery the prune stage applies (repair and / or
+BatchNorm recalibration), ranks them by what the objective actually is. Pure: no I/O.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from pipeline.allocation import Allocation
-from pipeline.batchnorm import recalibrate_bn
 from pipeline.evaluation import output_distortion, predict_logits
 from pipeline.masking import apply_masks, magnitude_masks
+from pipeline.repair import Recovery
 
 
 def measured_distortion(
@@ -26,20 +26,15 @@ def measured_distortion(
     inputs: torch.Tensor,
     reference: torch.Tensor,
     batch_size: int,
-    bn_mode: str | None,
+    recover: Recovery,
 ) -> float:
     """Mean per-sample logit MSE of ``model`` pruned by ``allocation`` against ``reference``
-    (N, classes) on ``inputs`` (N, ...), after BN recalibration on them by rule ``bn_mode``
-    (a ``BN_RULES`` name; None: none)."""
+    (N, classes) on ``inputs`` (N, ...), after ``recover`` on them."""
     pruned = copy.deepcopy(model)
-    apply_masks(
-        pruned,
-        magnitude_masks(
-            pruned, dict(zip(allocation.layers, allocation.kept.tolist(), strict=True))
-        ),
-    )
-    if bn_mode is not None:
-        recalibrate_bn(pruned, model, inputs, batch_size, bn_mode)
+    kept = allocation.kept_by_layer
+    masks = magnitude_masks(pruned, kept)
+    apply_masks(pruned, masks)
+    recover(pruned, model, masks, inputs)
     return output_distortion(predict_logits(pruned, inputs, batch_size), reference)[0]
 
 
@@ -49,12 +44,12 @@ def select_measured(
     inputs: torch.Tensor,
     reference: torch.Tensor,
     batch_size: int,
-    bn_mode: str | None,
+    recover: Recovery,
 ) -> tuple[str, dict[str, float]]:
     """(name of the candidate with the least measured distortion, every candidate's value).
     Ties go to the first candidate."""
     measured = {
-        name: measured_distortion(model, a, inputs, reference, batch_size, bn_mode)
+        name: measured_distortion(model, a, inputs, reference, batch_size, recover)
         for name, a in candidates.items()
     }
     return min(measured, key=measured.__getitem__), measured

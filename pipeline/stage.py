@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from pipeline import io
 from pipeline.allocation import (
@@ -30,17 +31,19 @@ from pipeline.allocation import (
     check_same_layers,
     layer_bounds,
 )
-from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params, flatten
+from pipeline.data import calibration_subset
 from pipeline.device import resolve_device
 from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.errors import PipelineError
 from pipeline.evaluation import predict_logits
 from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
+from pipeline.masking import masks_from_zeros
 from pipeline.models import build_model, load_weights, normalize_state_dict
 from pipeline.parallel import Placement, run_tasks
 from pipeline.progressive import progressive_allocation
 from pipeline.refine import refine_allocation
+from pipeline.repair import Recovery
 from pipeline.selection import select_measured
 from pipeline.tracking import RunRecord
 from pipeline.training import EpochStats
@@ -121,6 +124,8 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
         _die_with_parent()
     try:
         paths = io.Paths(Path(args.root))
+        for stale in io.remove_temporaries(paths):
+            log.info("%s: removed %s, left by an interrupted write", name, stale)
         params = io.read_params(paths.params)
         resolve_device(params.device)  # no device, no work: fail before reading anything else
         start = time.perf_counter()
@@ -129,11 +134,40 @@ def run_stage(body: Callable[[Params, io.Paths], None], argv: Sequence[str] | No
     except PipelineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a file the stage reads or a library writes: name it and the cause
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {name}: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 2
     finally:  # called in process (tests, benchmarks): the caller's handler again; a process
         # of its own keeps ignoring late SIGTERMs while the interpreter shuts down
         if previous is not None and argv is not None:
             signal.signal(signal.SIGTERM, previous)
     return 0
+
+
+def recovery(params: Params) -> Recovery:
+    """What the params apply after the masks, for every method: the repair (BatchNorm set on
+    the way) and / or BatchNorm recalibration."""
+    p = params.prune
+    return Recovery(p.bn_rule, p.reconstruct, p.reconstruct_damping, params.calibrate.batch_size)
+
+
+def recovery_images(params: Params, train_eval: Dataset) -> torch.Tensor | None:
+    """(N, ...) the training images the prune stage's recovery runs on (seeded, evaluation
+    transforms): the repair's ``prune.reconstruct_samples``, else the BatchNorm
+    recalibration's ``prune.bn_recalibration``; None when there is no recovery."""
+    p = params.prune
+    if p.reconstruct is not None:
+        images, _ = calibration_subset(
+            train_eval, p.reconstruct_samples, params.seed + 2, "prune.reconstruct_samples"
+        )
+    elif p.bn_rule is not None:
+        images, _ = calibration_subset(
+            train_eval, p.bn_recalibration, params.seed + 1, "prune.bn_recalibration"
+        )
+    else:
+        return None
+    return images
 
 
 def stage_device(params: Params) -> torch.device:
@@ -192,6 +226,7 @@ def profile_curves(
         "device": params.device,
         "bn_correction": bn_mode,
         "of_remaining": of_remaining,
+        "repair": params.curve_repair,
     }
     run = run_tasks(
         profile_unit, units, shared=shared, params=params.ray, desc="profile", device_arg="device"
@@ -227,6 +262,12 @@ def placement_summary(placements: Sequence[Placement]) -> dict[str, Any]:
 
 def allocation_problem(params: Params, curves: DistortionCurves, model: nn.Module) -> Problem:
     """The allocation problem the params pose on these curves and this dense model."""
+    if params.prune.reconstruct is not None and not params.profile.reconstruct:
+        log.info(
+            "allocate: profile.reconstruct is false, so the curves rd reads do not model the "
+            "repair prune.reconstruct = %s applies after the masks",
+            params.prune.reconstruct,
+        )
     check_same_layers(curves.layers, curves.numel, prunable_numel(model), "the distortion table")
     weights = {name: m.weight.detach() for name, m in prunable_layers(model)}
     lo, hi = layer_bounds(curves.layers, params.allocate.limits, params.allocate.exclude)
@@ -249,7 +290,7 @@ def choose_allocation(
     partially pruned model against its own outputs; ``allocate.candidates``: the method and
     the candidates compete by measured joint distortion on the calibration set;
     ``allocate.refine``: rd's optimum refined on a measured objective (``rd+refine``)."""
-    method, allocate_params, rule = params.allocate.method, params.allocate, params.prune.bn_rule
+    method, allocate_params, recover = params.allocate.method, params.allocate, recovery(params)
     if allocate_params.steps == 1 and not allocate_params.candidates and not allocate_params.refine:
         return method, allocate(method, problem), {}
     inputs, labels, reference = io.read_calibration(paths.calibration)
@@ -263,14 +304,14 @@ def choose_allocation(
             method,
             allocate_params.steps,
             reprofile=lambda m: profile_curves(params, m, inputs, predict_logits(m, inputs, batch)),
-            recalibrate=None
-            if rule is None
-            else lambda m: recalibrate_bn(m, model, inputs, batch, rule),
+            recalibrate=(lambda m: recover(m, model, masks_from_zeros(m), inputs))
+            if recover.active
+            else None,
         )
         return method, allocation, {}
     names = list(dict.fromkeys([method, *allocate_params.candidates]))
     allocations = {name: allocate(name, problem) for name in names}
-    chosen, measured = select_measured(model, allocations, inputs, reference, batch, rule)
+    chosen, measured = select_measured(model, allocations, inputs, reference, batch, recover)
     return chosen, allocations[chosen], measured
 
 
@@ -382,6 +423,11 @@ def result_record(params: Params, paths: io.Paths) -> RunRecord:
             "flops_reduction": prune["flops_reduction"],
             "predicted_distortion": allocate["predicted_distortion"],
             "measured_distortion": prune["measured_distortion"],
+            **{  # the recovery's effect: before the repair or the BN recalibration
+                f"prune_{k}" if k.startswith("accuracy") else k: v
+                for k, v in prune.items()
+                if "_before_" in k
+            },
             **timings,
         },
         steps={

@@ -22,6 +22,7 @@ from torch import fx, nn
 from torch.func import functional_call
 
 from pipeline.batchnorm import BN_TYPES
+from pipeline.patches import Candidate, candidate_params
 
 
 class NotTraceable(Exception):
@@ -120,11 +121,12 @@ class SuffixRunner:
 
     @torch.no_grad()
     def layer_outputs(
-        self, frontier: dict[fx.Node, Any], weights: list[torch.Tensor]
+        self, frontier: dict[fx.Node, Any], weights: list[Candidate]
     ) -> list[torch.Tensor]:
-        """The layer's output (N, C, ...) for each candidate weight (single call site only)."""
+        """The layer's output (N, C, ...) for each candidate (a weight or parameters; single
+        call site only)."""
         inp = self.layer_input(frontier)
-        return [functional_call(self.module, {"weight": w}, (inp,)) for w in weights]
+        return [functional_call(self.module, candidate_params(w), (inp,)) for w in weights]
 
     def _batch_norm(self, node: fx.Node, x: torch.Tensor, stats: list, groups: int) -> torch.Tensor:
         bn = self.gm.get_submodule(node.target)
@@ -140,13 +142,13 @@ class SuffixRunner:
     def run(
         self,
         frontier: dict[fx.Node, Any],
-        weights: list[torch.Tensor],
+        weights: list[Candidate],
         bn_stats: list | None = None,
     ) -> torch.Tensor:
-        """Logits (G * N, classes) for G candidate weights of the layer; rows g*N..(g+1)*N-1
-        belong to weights[g]. frontier: from ``upstream`` on a batch of N samples. bn_stats:
-        per weight, (mean, var) replacing the running statistics of ``bn_node``, or None to
-        keep them."""
+        """Logits (G * N, classes) for G candidates of the layer (a weight, or parameters:
+        ``patches.Candidate``); rows g*N..(g+1)*N-1 belong to weights[g]. frontier: from
+        ``upstream`` on a batch of N samples. bn_stats: per weight, (mean, var) replacing the
+        running statistics of ``bn_node``, or None to keep them."""
         groups = len(weights)
         n = next(
             v.shape[0] for k, v in frontier.items() if k in self.batched and torch.is_tensor(v)
@@ -168,7 +170,7 @@ class SuffixRunner:
                 chunks = inp.chunk(groups) if inp.shape[0] == groups * n else [inp] * groups
                 env[node] = torch.cat(
                     [
-                        functional_call(self.module, {"weight": w}, (c,))
+                        functional_call(self.module, candidate_params(w), (c,))
                         for w, c in zip(weights, chunks, strict=True)
                     ]
                 )
@@ -202,3 +204,26 @@ def consumer_batchnorm(model: nn.Module, layer: str) -> str | None:
     except NotTraceable:
         return None
     return runner.bn_node.target if runner.bn_node is not None else None
+
+
+def batchnorm_consumers(model: nn.Module) -> dict[str, str]:
+    """``{module name: BatchNorm name}`` for every module called once whose output only a
+    BatchNorm reads, from one trace (empty when the model cannot be traced)."""
+    try:
+        gm = fx.symbolic_trace(model)
+    except Exception:  # fx raises many types for untraceable Python
+        return {}
+    calls: dict[str, list[fx.Node]] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls.setdefault(node.target, []).append(node)
+    out = {}
+    for name, sites in calls.items():
+        users = list(sites[0].users) if len(sites) == 1 else []
+        if (
+            len(users) == 1
+            and users[0].op == "call_module"
+            and isinstance(gm.get_submodule(users[0].target), BN_TYPES)
+        ):
+            out[name] = users[0].target
+    return out

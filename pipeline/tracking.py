@@ -170,9 +170,10 @@ def log_result(
     """
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking_uri)
-    # one process at a time finds-or-creates (sqlite stores; a server serialises itself)
+    # one process at a time finds-or-creates (sqlite stores; a server serialises itself); the
+    # client is made under the lock too: on a fresh sqlite store it runs the schema migration
     with _store_lock(tracking_uri):
+        client = mlflow.MlflowClient(tracking_uri=tracking_uri)
         experiment_id = _experiment_id(client, tracking_uri, experiment)
         runs = client.search_runs([experiment_id], f"tags.`{RESULT_TAG}` = '{key}'")
         for run in runs:

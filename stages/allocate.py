@@ -29,6 +29,14 @@ def run(params: Params, paths: io.Paths) -> None:
     problem = allocation_problem(params, curves, model)
     chosen, allocation, measured = choose_allocation(params, paths, model, problem)
     allocation.check_matches(prunable_numel(model), str(paths.distortion))
+    empty = [name for name, kept in allocation.kept_by_layer.items() if kept == 0]
+    if empty:  # the network's output no longer depends on what comes before such a layer
+        log.warning(
+            "allocate: %d of %d layers keep no weight: %s",
+            len(empty),
+            len(allocation.layers),
+            ", ".join(empty),
+        )
     front, infeasible = pareto_front(params.allocate.method, problem, params.allocate.pareto_ratios)
     if infeasible:  # the sweep is a view; the limits the user set decide what can be met
         log.warning(

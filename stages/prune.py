@@ -1,4 +1,5 @@
-"""prune: apply the allocated magnitude masks, measure accuracy and the actual joint distortion."""
+"""prune: apply the allocated magnitude masks, recover (repair and / or BatchNorm
+recalibration, the same for every method), measure accuracy and the joint distortion."""
 
 from __future__ import annotations
 
@@ -7,14 +8,13 @@ import sys
 from collections.abc import Sequence
 
 from pipeline import io
-from pipeline.batchnorm import recalibrate_bn
 from pipeline.config import Params
-from pipeline.data import calibration_subset, load_dataset
+from pipeline.data import load_dataset
 from pipeline.evaluation import accuracy, output_distortion, predict_logits
-from pipeline.layers import prunable_numel
+from pipeline.layers import prunable_numel, unpruned_matrices, weight_matrices
 from pipeline.masking import apply_masks, magnitude_masks, zero_count
 from pipeline.plots import joint_distortion_figure
-from pipeline.stage import load_model, log, run_stage
+from pipeline.stage import load_model, log, recovery, recovery_images, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
@@ -26,23 +26,31 @@ def run(params: Params, paths: io.Paths) -> None:
     )
     model, batch = copy.deepcopy(dense), params.calibrate.batch_size
     allocation.check_matches(prunable_numel(model), str(paths.allocation))
-    kept = dict(zip(allocation.layers, allocation.kept.tolist(), strict=True))
-    apply_masks(model, magnitude_masks(model, kept))
-    extra = {}
-    if params.prune.bn_rule is not None:  # the same post-processing for every allocation method
-        extra["accuracy_before_bn_recalibration"] = accuracy(model, splits.test)
-        images, _ = calibration_subset(
-            splits.train_eval,
-            params.prune.bn_recalibration,
-            params.seed + 1,
-            "prune.bn_recalibration",
-        )
+    masks = magnitude_masks(model, allocation.kept_by_layer)
+    apply_masks(model, masks)
+    recover, joint, extra = recovery(params), {}, {}
+    step = "repair" if recover.objective else "bn_recalibration"
+    label = {"repair": "repair", "bn_recalibration": "BN recalibration"}[step]
+    if recover.active:  # the same post-processing for every allocation method
+        extra[f"accuracy_before_{step}"] = accuracy(model, splits.test)
         before = output_distortion(predict_logits(model, inputs, batch), reference)[0]
-        extra["measured_distortion_before_bn_recalibration"] = before
-        recalibrate_bn(model, dense, images, batch, params.prune.bn_rule)
+        extra[f"measured_distortion_before_{step}"] = joint[f"before {label}"] = before
+        report = recover(model, dense, masks, recovery_images(params, splits.train_eval))
+        if report is not None:
+            log.info(
+                "prune: repaired %d layers (%s), set %d BatchNorms on the way",
+                len(report.layers),
+                recover.objective,
+                len(report.batchnorms),
+            )
     logits = predict_logits(model, inputs, batch)
     measured, measured_max = output_distortion(logits, reference)
+    joint[f"after {label}" if recover.active else "as pruned"] = measured
     zeros, total = zero_count(model)
+    if unpruned_matrices(model):  # the tool leaves them dense: say what that makes overall
+        extra["sparsity_all_weight_matrices"] = sum(
+            int((w == 0).sum()) for w in weight_matrices(model).values()
+        ) / sum(w.numel() for w in weight_matrices(model).values())
     test_accuracy = accuracy(model, splits.test)
     io.write_state_dict(paths.pruned, model.state_dict())
     metrics = {
@@ -55,9 +63,6 @@ def run(params: Params, paths: io.Paths) -> None:
         **extra,
     }
     io.write_metrics(paths.metrics("prune"), metrics)
-    joint = {"after BN recalibration" if extra else "as pruned": measured}
-    if extra:
-        joint["before BN recalibration"] = extra["measured_distortion_before_bn_recalibration"]
     io.write_figure(paths.figure("joint_distortion"), joint_distortion_figure(allocation, joint))
     log.info(
         "prune: sparsity %.4f, test accuracy %.4f, distortion measured %.6g vs predicted %.6g",

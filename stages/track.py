@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 from pipeline import io, tracking
 from pipeline.config import Params
+from pipeline.errors import PipelineError
 from pipeline.rounds import schedule_files, schedule_record
 from pipeline.stage import log, result_record, run_stage
 
@@ -31,15 +32,25 @@ def run(params: Params, paths: io.Paths) -> None:
         s = params.schedule
         name = f"{params.allocate.method} schedule {s.rounds}x{s.amount:g}"
         results.append((name, schedule_files(paths), schedule))
+    uri = tracking.resolve_tracking_uri(params.track.tracking_uri, paths.root)
     for run_name, files, record in results:
-        run_id, experiment_id, created = tracking.log_result(
-            tracking_uri=tracking.resolve_tracking_uri(params.track.tracking_uri, paths.root),
-            experiment=params.track.experiment,
-            key=io.content_hash(files),
-            exp_name=os.environ.get("DVC_EXP_NAME", ""),
-            run_name=run_name,
-            record=record,
-        )
+        try:
+            run_id, experiment_id, created = tracking.log_result(
+                tracking_uri=uri,
+                experiment=params.track.experiment,
+                key=io.content_hash(files),
+                exp_name=os.environ.get("DVC_EXP_NAME", ""),
+                run_name=run_name,
+                record=record,
+            )
+        except PipelineError:
+            raise
+        except Exception as exc:  # the store's failure (locked, full, gone), in its own types
+            first = (str(exc).strip().splitlines() or [""])[0][:300]
+            raise PipelineError(
+                f"track: the MLflow store {uri} failed ({type(exc).__name__}: {first}); the "
+                "result's files are intact: run `dvc repro` again once the store can be written"
+            ) from None
         log.info(
             "track: MLflow run %s %r (%s); in `mlflow ui`: "
             "#/experiments/%s?workflowType=machine_learning",

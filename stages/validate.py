@@ -1,4 +1,5 @@
-"""validate: reject bad params and an unusable MLflow store before any work is done.
+"""validate: reject bad params, unreadable data, a model that cannot run on it and an unusable
+MLflow store before any work is done.
 
 DVC runs this stage on every ``dvc repro`` (``always_changed``), before every other stage, so a
 typo'd key or a wrong value fails at once even where every other stage is up to date or
@@ -14,6 +15,7 @@ from collections.abc import Sequence
 from pipeline import io, tracking
 from pipeline.config import Params, defaults
 from pipeline.errors import PipelineError
+from pipeline.preflight import check_data_and_model, check_dvc_params, model_code_digest
 from pipeline.stage import log, run_stage
 
 
@@ -39,9 +41,18 @@ def check_tracking_store(params: Params, paths: io.Paths) -> str:
 
 
 def run(params: Params, paths: io.Paths) -> None:
+    check_dvc_params(io.read_params_mapping(paths.params), paths.root / "dvc.yaml")
     uri = check_tracking_store(params, paths)
+    splits = check_data_and_model(params)
     io.write_metrics(paths.defaults, defaults())
-    log.info("validate: params.yaml is valid; MLflow store %s is usable", uri)
+    io.write_metrics(paths.model_code, model_code_digest(params.model.arch, paths.root))
+    log.info(
+        "validate: params.yaml is valid; %d + %d images readable, the model runs on them; "
+        "MLflow store %s is usable",
+        len(splits.train_eval),
+        len(splits.test),
+        uri,
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -41,9 +41,23 @@ def test_bn_corrected_curves_need_the_prune_stage_to_recalibrate():
     assert load_params({}).curve_bn_rule == "relative"
 
 
+def test_repaired_curves_need_the_prune_stage_to_repair():
+    with pytest.raises(PipelineError, match=r"profile.reconstruct = True .*prune.reconstruct"):
+        load_params({"prune": {"reconstruct": None}})
+    # the reverse is allowed (rd then allocates on curves that do not model the repair)
+    params = load_params({"profile": {"reconstruct": False}})
+    assert params.prune.reconstruct == "output" and params.curve_repair is None
+    assert load_params({}).curve_repair == 0.01
+
+
 @pytest.mark.parametrize(
     ("mapping", "message"),
     [
+        ({"prune": {"reconstruct": "magic"}}, r"prune.reconstruct = 'magic' .*layerwise, output"),
+        ({"prune": {"reconstruct_samples": 0}}, r"prune.reconstruct_samples = 0 .*>= 1"),
+        ({"prune": {"reconstruct_damping": -0.1}}, r"prune.reconstruct_damping = -0.1 .*>= 0"),
+        ({"prune": {"reconstruct_damping": "1e-2"}}, r"prune.reconstruct_damping = '1e-2'"),
+        ({"allocate": {"refine": "ce"}}, r"allocate.refine = 'ce' .*prune.reconstruct"),
         ({"prune": {"ratio": 1.0}}, r"prune.ratio = 1.0 .*\[0.0, 1.0\)"),
         ({"prune": {"ratio": -0.1}}, r"prune.ratio = -0.1"),
         ({"prune": {"ratio": "high"}}, r"prune.ratio = 'high' .*float"),

@@ -9,13 +9,14 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from pipeline import batchnorm, evaluation, layers, training
-from pipeline.batchnorm import ChannelMoments, PatchMoments
+from pipeline.batchnorm import ChannelMoments
 from pipeline.config import TrainParams, load_params
 from pipeline.device import model_device, resolve_device
 from pipeline.distortion import profile_layer, sparsity_grid
 from pipeline.errors import PipelineError
 from pipeline.evaluation import predict_logits
 from pipeline.layers import prunable_numel
+from pipeline.patches import PatchMoments
 from pipeline.suffix import SuffixRunner
 from stages import baseline, profile
 from tests.models_zoo import TinyResNet, randomized
@@ -141,6 +142,17 @@ MODULES = {
     ),
     "depthwise": (lambda: nn.Conv2d(4, 4, 3, padding=1, groups=4, bias=False), (2, 4, 5, 5)),
     "linear": (lambda: nn.Linear(7, 5), (11, 7)),
+    "conv1d, same padding, even kernel": (lambda: nn.Conv1d(3, 4, 4, padding="same"), (3, 3, 11)),
+    "conv2d, reflect padding": (
+        lambda: nn.Conv2d(3, 5, 3, padding=1, padding_mode="reflect"),
+        (3, 3, 6, 6),
+    ),
+    "conv3d, circular padding, grouped, dilated": (
+        lambda: nn.Conv3d(
+            4, 6, 3, padding=(1, 2, 1), groups=2, padding_mode="circular", dilation=(1, 2, 1)
+        ),
+        (2, 4, 5, 6, 5),
+    ),
 }
 
 
@@ -162,10 +174,11 @@ def test_patch_moments_equal_the_moments_of_the_outputs(case):
         torch.testing.assert_close(var, expected[1], rtol=1e-5, atol=1e-6)
 
 
-def test_patch_moments_decline_what_they_do_not_cover():
-    assert PatchMoments.of(nn.Conv1d(2, 2, 3), torch.zeros(1, 2, 5), 1 << 20) is None
-    assert PatchMoments.of(nn.Conv2d(2, 2, 3, padding="same"), torch.zeros(1, 2, 5, 5), 1) is None
+def test_patch_moments_decline_what_is_not_a_batchnorm_channel():
+    # a Linear on (N, T, F): a BatchNorm over dim 1 normalises T, not the Linear's features
     assert PatchMoments.of(nn.Linear(3, 2), torch.zeros(1, 4, 3), 1 << 20) is None
+    assert PatchMoments.of(nn.Linear(3, 2), torch.zeros(1, 4, 3), 1 << 20, for_bn=False)
+    assert PatchMoments.of(nn.ConvTranspose2d(2, 2, 3), torch.zeros(1, 2, 5, 5), 1) is None
 
 
 def _fast_table(model, inputs, reference):

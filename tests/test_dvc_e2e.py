@@ -198,6 +198,24 @@ def test_repro_ratio_change_mlflow_and_bad_input(checkout):
     for name in ("distortion_curves", "allocation", "pareto", "joint_distortion"):
         assert re.search(rf'<img src="[^"]*{name}\.png"', html), name
 
+    # Another repair objective reruns exactly the stages that read prune.reconstruct (the
+    # curves of a layer pruned alone are the same under both objectives): allocate (its
+    # candidates would be measured after the repair), prune, finetune, and the schedule (its
+    # rounds repair; with rounds 0 it has nothing to do); the paper's plain method (no
+    # repair, plain curves) reruns the profile too.
+    edit_params(root, "prune", "reconstruct", "layerwise")
+    changed = ["validate", "allocate", "prune", "finetune", "schedule", "track"]
+    assert ran(sh(root, "dvc", "repro").stdout) == changed
+    metrics = json.loads((root / "metrics" / "prune.json").read_text())
+    assert metrics["measured_distortion"] < metrics["measured_distortion_before_repair"]
+    edit_params(root, "prune", "reconstruct", None)
+    edit_params(root, "profile", "reconstruct", False)
+    assert ran(sh(root, "dvc", "repro").stdout) == changed[:1] + ["profile"] + changed[1:]
+    assert "accuracy_before_bn_recalibration" in (root / "metrics" / "prune.json").read_text()
+    assert len(mlflow_runs(root)) == 4
+    (root / "params.yaml").write_text(good_params)
+    sh(root, "dvc", "checkout")
+
 
 def test_killing_dvc_stops_its_stage(checkout):
     """SIGTERM to `dvc repro` ends the running stage too: no orphan writes outputs later."""

@@ -20,7 +20,7 @@ CASES = {
 }
 
 
-def tables(model, shape, memory_mb, batch_size=16, bn_correction=None):
+def tables(model, shape, memory_mb, batch_size=16, bn_correction=None, repair=None):
     inputs = torch.randn(40, *shape, generator=torch.Generator().manual_seed(1))
     reference = predict_logits(model, inputs, batch_size)
     grid = sparsity_grid(11)
@@ -38,6 +38,7 @@ def tables(model, shape, memory_mb, batch_size=16, bn_correction=None):
                 engine=engine,
                 memory_mb=memory_mb,
                 bn_correction=bn_correction,
+                repair=repair,
             )
             for name in prunable_numel(model)
         ]
@@ -75,6 +76,32 @@ def test_bn_correction_fast_equals_naive_and_changes_the_curves(case, rule):
     assert not changed[-1]  # the head feeds no BatchNorm
 
 
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("memory_mb", [1, 1024])  # one level per block / all levels at once
+@pytest.mark.parametrize("bn_correction", [None, "relative"])
+def test_repaired_curves_fast_equals_naive_and_lie_below_the_plain_ones(
+    case, memory_mb, bn_correction, caplog
+):
+    build, shape = CASES[case]
+    model = build()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    repaired = tables(model, shape, memory_mb, bn_correction=bn_correction, repair=0.01)
+    plain = tables(model, shape, memory_mb, bn_correction=bn_correction)
+    assert "fast engine unavailable" not in caplog.text
+    for (mean_n, max_n), (mean_f, max_f) in zip(repaired["naive"], repaired["fast"], strict=True):
+        np.testing.assert_allclose(mean_f, mean_n, rtol=1e-4, atol=0)
+        np.testing.assert_allclose(max_f, max_n, rtol=1e-4, atol=0)
+        assert mean_f[0] == 0
+    # alone in the network, a repaired layer reproduces its own output better; the network's
+    # output follows on the whole (not for every layer: a BatchNorm correction already fixes
+    # each channel's mean and variance)
+    total = {
+        k: sum(m[1:-1].sum() for m, _ in t["fast"]) for k, t in (("rep", repaired), ("raw", plain))
+    }
+    assert total["rep"] < total["raw"]
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
 def test_fast_on_a_partially_pruned_model(caplog):
     """Progressive rounds re-profile a pruned model against the dense reference."""
     from pipeline.masking import apply_masks, magnitude_masks
@@ -95,6 +122,10 @@ def test_fast_on_a_partially_pruned_model(caplog):
         bn_correction="relative",
     )
     for name in prunable_numel(model):
+        for repair in (None, 0.01):
+            fast = profile_layer(name, engine="fast", repair=repair, of_remaining=True, **kwargs)
+            naive = profile_layer(name, engine="naive", repair=repair, of_remaining=True, **kwargs)
+            np.testing.assert_allclose(fast[0], naive[0], rtol=1e-4, atol=0)
         fast = profile_layer(name, engine="fast", **kwargs)
         naive = profile_layer(name, engine="naive", **kwargs)
         np.testing.assert_allclose(fast[0], naive[0], rtol=1e-4, atol=0)

@@ -1,3 +1,5 @@
+import errno
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -82,13 +84,41 @@ def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):
     target.write_bytes(b"old")
 
     def boom(*args):
-        raise OSError("disk full")
+        raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(io.os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(PipelineError, match=rf"cannot write {target}: No space left on device"):
         io.write_bytes_atomic(target, b"new")
     assert target.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+
+
+def test_a_full_disk_in_a_write_is_one_error_line_and_no_temporary(tmp_path, monkeypatch):
+    """ENOSPC in the middle of the data (as a full disk raises it from write or fsync)."""
+    target = tmp_path / "out.bin"
+    target.write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "fsync", full)
+    with pytest.raises(PipelineError) as err:
+        io.write_json(target, {"a": 1})
+    assert "\n" not in str(err.value) and str(target) in str(err.value)
+    assert target.read_bytes() == b"old" and [p.name for p in tmp_path.iterdir()] == ["out.bin"]
+
+
+def test_temporaries_left_by_a_kill_are_removed(tmp_path):
+    paths = io.Paths(tmp_path)
+    folder = paths.round(1)
+    folder.mkdir(parents=True)
+    (folder / "model.pt").write_bytes(b"x")
+    stray = [folder / ".model.pt.abc123.tmp", paths.metrics("prune").parent / ".p.json.x.tmp"]
+    for path in stray:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    assert sorted(io.remove_temporaries(paths)) == sorted(stray)
+    assert not any(p.exists() for p in stray) and (folder / "model.pt").exists()
 
 
 def test_checkpoint_roundtrip_is_plain_and_deterministic(tmp_path):

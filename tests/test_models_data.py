@@ -128,6 +128,40 @@ def test_cifar_format_directory(tmp_path):
         load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
 
 
+class _Payload:
+    """Pickles as a call of os.system: what a hostile CIFAR batch would carry."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("where", ["data", "labels", "top"])
+def test_a_cifar_batch_cannot_run_code(tmp_path, where):
+    """A batch whose pickle names anything but numpy arrays is refused with one line naming
+    the file; the payload never runs."""
+    write_cifar(tmp_path)
+    marker = tmp_path / "ran"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    entry = {"data": np.zeros((6, 3072), np.uint8), "labels": [0] * 6}
+    if where == "top":
+        entry = _Payload(marker)
+    else:
+        entry[where] = _Payload(marker)
+    batch.write_bytes(pickle.dumps(entry))
+    with pytest.raises(PipelineError, match=rf"data.root: {batch} is not allowed .*os") as err:
+        load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
+    assert "\n" not in str(err.value)
+    assert not marker.exists()
+    batch.write_bytes(b"not a pickle at all")
+    with pytest.raises(PipelineError, match=rf"data.root: {batch} is not allowed"):
+        load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
+
+
 def test_synthetic_calibration_is_seeded_standard_normal():
     x = synthetic_inputs(torch.zeros(3, 32, 32), 512, seed=0)
     assert x.shape == (512, 3, 32, 32) and torch.equal(

@@ -42,6 +42,57 @@ def profile_all(backend: str) -> DistortionCurves:
     return DistortionCurves.from_profiles(numel, grid, results, dict.fromkeys(numel, 1))
 
 
+LISTENERS = """
+import json, os, sys, psutil
+from pipeline.config import RayParams
+from pipeline.parallel import run_tasks, session, token_path
+
+def ip(x):
+    return x
+
+with session(RayParams(num_cpus=1)):
+    run_tasks(ip, [1, 2], shared={}, params=RayParams(num_cpus=1))  # workers started too
+    tree = [psutil.Process(), *psutil.Process().children(recursive=True)]
+    pids = {p.pid for p in tree}
+    names = {p.pid: " ".join(p.cmdline()[:1]) for p in tree}
+    found = [
+        (c.laddr.ip, c.laddr.port, names[c.pid])
+        for c in psutil.net_connections(kind="inet")
+        if c.status == psutil.CONN_LISTEN and c.pid in pids
+    ]
+print(json.dumps({"listening": found, "token_mode": token_path().stat().st_mode & 0o777}))
+"""
+
+
+def test_a_private_instance_listens_on_loopback_only_and_keeps_its_token_private(tmp_path):
+    """Every socket the private instance's processes (GCS, raylet, agents, metrics exporter,
+    workers, this driver) listen on is on loopback; the token Ray writes is 0600."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    short = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # Ray's sockets: <= 107 bytes
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "RAY_TMPDIR": str(short)}
+    env.pop("RAY_ADDRESS", None)
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", LISTENERS], env=env, cwd=repo, capture_output=True, text=True
+        )
+    finally:
+        shutil.rmtree(short, ignore_errors=True)
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(result["listening"]) >= 3  # GCS, raylet, agents at least
+    loopback = ("127.0.0.1", "::1", "::ffff:127.0.0.1")
+    assert [x for x in result["listening"] if x[0] not in loopback] == []
+    assert result["token_mode"] == 0o600
+
+
 def test_serial_map_keeps_order():
     assert map_tasks(
         _square, [3, 1, 2], shared={"offset": 1}, params=RayParams(backend="serial")

@@ -235,8 +235,12 @@ def test_refine_allocation_meets_the_budget_and_starts_from_rd():
 )  # fmt: skip
 def test_refine_params_are_validated(allocate_params, message):
     with pytest.raises(PipelineError, match=message.replace("(", r"\(")):
-        load_params({"allocate": allocate_params})
-    load_params({"allocate": {"refine": "ce"}})
+        load_params({"allocate": allocate_params, **NO_REPAIR})
+    load_params({"allocate": {"refine": "ce"}, **NO_REPAIR})
+
+
+# the refinement measures moves with BatchNorm recalibration alone: no repair
+NO_REPAIR = {"prune": {"reconstruct": None}, "profile": {"reconstruct": False}}
 
 
 def test_allocate_stage_refines_rd_and_reports_it(project, tmp_path):
@@ -251,6 +255,7 @@ def test_allocate_stage_refines_rd_and_reports_it(project, tmp_path):
     write_params(
         root,
         allocate={"refine": "ce", "refine_evals": 12, "refine_rounds": 1, "pareto_ratios": [0.5]},
+        **NO_REPAIR,
     )
     assert allocate.main(["--root", str(root)]) == 0
     paths = io.Paths(root)

@@ -62,18 +62,30 @@ def test_pareto_sweep_skips_and_reports_ratios_the_limits_forbid(
     assert [float(row["ratio"]) for row in front] == [r for r in sweep if r not in infeasible]
 
 
-def test_progressive_allocation_recalibrates_only_when_the_prune_stage_does(
+def test_progressive_allocation_recovers_only_as_the_prune_stage_does(
     project, tmp_path, monkeypatch
 ):
-    import pipeline.stage
+    import pipeline.repair
 
     calls = []
-    real = pipeline.stage.recalibrate_bn
-    monkeypatch.setattr(
-        pipeline.stage, "recalibrate_bn", lambda *a, **k: calls.append(a[-1]) or real(*a, **k)
-    )
-    off = {"prune": {"bn_recalibration": 0}, "profile": {"bn_correction": False}}
-    for name, overrides, expected in [("off", off, []), ("on", {}, ["relative"] * 2)]:
+    real = pipeline.repair.Recovery.__call__
+
+    def spy(self, *args):
+        calls.append((self.objective, self.bn_rule))
+        return real(self, *args)
+
+    monkeypatch.setattr(pipeline.repair.Recovery, "__call__", spy)
+    plain = {"reconstruct": None}
+    off = {"prune": {"bn_recalibration": 0, **plain}, "profile": {"bn_correction": False}}
+    bn_only = {"prune": plain}
+    for name, overrides, expected in [
+        ("off", off, []),
+        ("bn", bn_only, [(None, "relative")] * 2),
+        ("repair", {}, [("output", "relative")] * 2),
+    ]:
+        overrides = {**overrides, "profile": {**overrides.get("profile", {})}}
+        if name != "repair":
+            overrides["profile"]["reconstruct"] = False
         paths = copy_project(
             project,
             tmp_path / name,

@@ -7,6 +7,7 @@ from pipeline.allocation import Allocation
 from pipeline.evaluation import output_distortion, predict_logits
 from pipeline.layers import prunable_numel
 from pipeline.masking import apply_masks, magnitude_masks, masks_from_zeros
+from pipeline.repair import Recovery
 from pipeline.selection import measured_distortion, select_measured
 from tests.models_zoo import TinyResNet, randomized
 
@@ -27,15 +28,19 @@ def test_selection_picks_the_least_measured_distortion():
     reference = predict_logits(model, inputs, 16)
     light, heavy = allocation_keeping(model, 0.9), allocation_keeping(model, 0.2)
     chosen, measured = select_measured(
-        model, {"heavy": heavy, "light": light}, inputs, reference, 16, None
+        model, {"heavy": heavy, "light": light}, inputs, reference, 16, Recovery()
     )
     assert chosen == "light" and 0 < measured["light"] < measured["heavy"]
     assert all(mask.all() for mask in masks_from_zeros(model).values())  # the model is untouched
     # the value is the joint distortion of the pruned network, computed independently here
     clone = copy.deepcopy(model)
-    kept = dict(zip(light.layers, light.kept.tolist(), strict=True))
+    kept = light.kept_by_layer
     apply_masks(clone, magnitude_masks(clone, kept))
     expected = output_distortion(predict_logits(clone, inputs, 16), reference)[0]
     assert measured["light"] == expected
     for mode in ("relative", "absolute"):  # BN recalibration changes it
-        assert measured_distortion(model, light, inputs, reference, 16, mode) != expected
+        recover = Recovery(bn_rule=mode, batch_size=16)
+        assert measured_distortion(model, light, inputs, reference, 16, recover) != expected
+    # so does the repair, and it lowers the distortion the masks leave
+    recover = Recovery(objective="output", batch_size=16)
+    assert measured_distortion(model, light, inputs, reference, 16, recover) < expected

@@ -77,8 +77,12 @@ def test_mlflow_run_holds_the_result(project):
         "sparsity",
         "predicted_distortion",
         "measured_distortion",
+        "prune_accuracy_before_repair",  # the repair's effect, logged beside the result
+        "measured_distortion_before_repair",
     ):
         assert key in run.data.metrics
+    before, after = (run.data.metrics[f"measured_distortion{s}"] for s in ("_before_repair", ""))
+    assert after < before
     history = client.get_metric_history(run.info.run_id, "finetune_epoch_loss")
     assert [m.step for m in history] == [1, 2]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
@@ -187,7 +191,7 @@ def test_imagefolder_cifar_resnet_with_synthetic_calibration(tmp_path):
         "calibrate": {"samples": 12, "source": "synthetic"},
         "profile": {"levels": 3, "bn_correction": True},
         "allocate": {"pareto_ratios": [0.5]},
-        "prune": {"ratio": 0.5, "bn_recalibration": 16},
+        "prune": {"ratio": 0.5, "bn_recalibration": 16, "reconstruct_samples": 16},
         "finetune": {"epochs": 1, "batch_size": 16},
         "ray": {"backend": "serial"},
         "track": {"tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}"},
@@ -198,7 +202,7 @@ def test_imagefolder_cifar_resnet_with_synthetic_calibration(tmp_path):
     inputs, labels, reference = io.read_calibration(io.Paths(tmp_path).calibration)
     assert inputs.shape == (12, 3, 32, 32) and torch.equal(labels, reference.argmax(1))
     metrics = io.read_metrics(io.Paths(tmp_path).metrics("prune"))
-    assert metrics["sparsity"] >= 0.5 and "accuracy_before_bn_recalibration" in metrics
+    assert metrics["sparsity"] >= 0.5 and "accuracy_before_repair" in metrics
     assert len(io.read_allocation(io.Paths(tmp_path).allocation).layers) == 20
 
 
@@ -227,7 +231,13 @@ def test_prune_bn_recalibration_modes_at_ratio_zero(project, tmp_path, mode):
     shutil.copytree(project, root)
     write_params(
         root,
-        prune={"ratio": 0.0, "bn_recalibration": 64, "bn_recalibration_mode": mode},
+        prune={
+            "ratio": 0.0,
+            "bn_recalibration": 64,
+            "bn_recalibration_mode": mode,
+            "reconstruct": None,
+        },
+        profile={"reconstruct": False},
         allocate={"pareto_ratios": [0.5]},
     )
     assert allocate.main(["--root", str(root)]) == 0
@@ -242,6 +252,32 @@ def test_prune_bn_recalibration_modes_at_ratio_zero(project, tmp_path, mode):
     if mode == "relative":
         assert metrics["accuracy"] == metrics["accuracy_before_bn_recalibration"]
         assert metrics["measured_distortion"] < 1e-8
+
+
+def test_prune_repairs_deterministically_and_the_repair_lowers_the_distortion(project, tmp_path):
+    root = tmp_path / "repair"
+    shutil.copytree(project, root)
+    paths = io.Paths(root)
+    first = paths.pruned.read_bytes()  # the fixture's run: the default repair is on
+    assert prune.main(["--root", str(root)]) == 0
+    assert paths.pruned.read_bytes() == first
+    metrics = io.read_metrics(paths.metrics("prune"))
+    assert metrics["measured_distortion"] < metrics["measured_distortion_before_repair"]
+    state, dense = torch.load(paths.pruned), torch.load(paths.baseline)
+    # every layer from the first pruned one on is re-solved (those before it, to themselves)
+    allocation = io.read_allocation(paths.allocation)
+    first = int(np.flatnonzero(allocation.kept < allocation.numel)[0])
+    for name in allocation.layers[first:]:
+        keep = state[f"{name}.weight"] != 0
+        assert not torch.equal(state[f"{name}.weight"][keep], dense[f"{name}.weight"][keep])
+    # nothing pruned: the repair re-solves every layer to itself (up to rounding)
+    write_params(root, prune={"ratio": 0.0}, allocate={"pareto_ratios": [0.5]})
+    assert allocate.main(["--root", str(root)]) == 0
+    assert prune.main(["--root", str(root)]) == 0
+    state = torch.load(paths.pruned)
+    for key, value in dense.items():
+        torch.testing.assert_close(state[key], value, rtol=1e-4, atol=1e-5)
+    assert io.read_metrics(paths.metrics("prune"))["measured_distortion"] < 1e-8
 
 
 def test_bad_bn_recalibration_mode_is_one_error_line(project, tmp_path, capsys):

@@ -1,0 +1,157 @@
+"""Masked ridge least squares, row by row: the solvers of the repair (repair.py).
+
+For each output row r of a layer (per group g: H and B are the group's), with kept set S:
+
+    (H_SS + lam I) w_S = B_S + lam w0_S,   w_P = 0 exactly,
+
+the minimiser of ||w p - t||^2 + lam ||w_S - w0_S||^2 over the patches p (H = sum p p^T,
+B = sum p t^T). ``exact`` solves every row's system: batched Cholesky on the kept block, or,
+when fewer weights are pruned than kept, on the pruned block of (H + lam I)^-1 (the same
+minimiser, from the unconstrained optimum). ``sweep`` is SparseGPT's column sweep: one
+factorisation per group, then each pruned column in turn is zeroed and its error spread over
+the later columns (optimal column by column, not jointly), for wide layers where per-row
+solves cost too much. ``auto`` picks by estimated cost.
+
+Pure: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+import torch
+
+SOLVERS = ("auto", "exact", "sweep")
+SWEEP_BLOCK = 128  # columns per lazy-update block of the sweep
+# ``auto`` sweeps when per-row solves would cost this many times the sweep's flops
+EXACT_COST_FACTOR = 16.0
+
+
+def damping_of(gram: torch.Tensor, damping: float, width: int) -> torch.Tensor:
+    """(G,) lam per group: ``damping`` x the mean diagonal of the weights' part of the Gram."""
+    return damping * torch.diagonal(gram, dim1=1, dim2=2)[:, :width].mean(1)
+
+
+def solve(
+    gram: torch.Tensor,
+    rhs: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    lam: torch.Tensor,
+    solver: str = "auto",
+    budget: int = 256 << 20,
+) -> torch.Tensor:
+    """Re-solved rows (G, R, D') float64; entries ``keep`` drops are exact zeros.
+
+    gram: (G, D', D') H; rhs: (G, D', R) B; weight: (G, R, D') w0 (the anchor of the damping);
+    keep: (G, R, D') bool; lam: (G,) damping. ``budget`` bounds the bytes of the batched
+    per-row systems held at once.
+    """
+    g, d = gram.shape[0], gram.shape[1]
+    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+    damped = gram + lam.view(g, 1, 1) * eye  # H + lam I
+    target = rhs + lam.view(g, 1, 1) * weight.transpose(1, 2)  # B + lam w0: (G, D', R)
+    if solver == "auto":
+        solver = _pick_solver(keep, d)
+    if solver == "sweep":
+        return torch.stack([_sweep(damped[i], target[i], keep[i]) for i in range(g)])
+    return _solve_rows(damped, target, weight, keep, budget)
+
+
+def _pick_solver(keep: torch.Tensor, d: int) -> str:
+    rows = keep.shape[0] * keep.shape[1]
+    kept = keep.sum(2)
+    k = int(torch.minimum(kept, d - kept).max())
+    exact = rows * k**3 / 3
+    sweep = keep.shape[0] * (d**3 + keep.shape[1] * d**2)
+    return "exact" if exact <= EXACT_COST_FACTOR * sweep else "sweep"
+
+
+def _rows(x: torch.Tensor) -> torch.Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _spd_solve(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """x with a x = b for a batch of symmetric positive semi-definite a (n, k, k), b (n, k):
+    Cholesky where it succeeds, else the least-norm solution."""
+    factor, info = torch.linalg.cholesky_ex(a)
+    x = torch.cholesky_solve(b.unsqueeze(2), factor).squeeze(2)
+    bad = info != 0
+    if bad.any():  # singular (a dead input channel with no damping): least norm
+        x[bad] = (torch.linalg.pinv(a[bad], hermitian=True) @ b[bad].unsqueeze(2)).squeeze(2)
+    return x
+
+
+def _gathered(mat: torch.Tensor, grp: torch.Tensor, idx: torch.Tensor, valid: torch.Tensor):
+    """Per row n, mat[grp[n]][idx[n], idx[n]] (n, k, k), padding rows/columns as identity."""
+    a = mat[grp[:, None, None], idx[:, :, None], idx[:, None, :]]
+    both = valid[:, :, None] & valid[:, None, :]
+    pad = torch.diag_embed((~valid).to(mat.dtype))
+    return torch.where(both, a, torch.zeros_like(a)) + pad
+
+
+def _solve_rows(
+    damped: torch.Tensor,
+    target: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor,
+    budget: int,
+) -> torch.Tensor:
+    """Every row's own system, on the kept block or, when fewer are pruned, the pruned block
+    of the inverse (the same minimiser)."""
+    g, r, d = weight.shape
+    grp = torch.arange(g, device=weight.device).repeat_interleave(r)
+    keep_rows, w0, t = _rows(keep), _rows(weight), _rows(target.transpose(1, 2))
+    kept = int(keep_rows.sum(1).max())
+    pruned = int((~keep_rows).sum(1).max())
+    out = torch.zeros_like(w0)
+    if pruned < kept:  # few pruned: constrain the unconstrained optimum on the pruned block
+        factor = torch.linalg.cholesky(damped)
+        inverse = torch.cholesky_inverse(factor)  # (G, D', D'), once for every row and level
+        free = _rows(torch.cholesky_solve(target, factor).transpose(1, 2))  # (n, D')
+        size, order = pruned, torch.argsort(keep_rows.to(torch.int8), dim=1, stable=True)
+    else:
+        size = kept
+        order = torch.argsort((~keep_rows).to(torch.int8), dim=1, stable=True)
+    if size == 0:  # nothing pruned anywhere (P form) or nothing kept (S form)
+        return (free if pruned < kept else out).view(g, r, d)
+    step = max(1, budget // (8 * 3 * (size * size + size * d)))
+    for lo in range(0, len(w0), step):
+        rows = slice(lo, lo + step)
+        idx = order[rows, :size]
+        count = (~keep_rows[rows] if pruned < kept else keep_rows[rows]).sum(1)
+        valid = torch.arange(size, device=idx.device)[None, :] < count[:, None]
+        a = _gathered(inverse if pruned < kept else damped, grp[rows], idx, valid)
+        if pruned < kept:
+            v = torch.where(valid, free[rows].gather(1, idx), 0.0)
+            z = _spd_solve(a, v)  # (n, p)
+            cols = inverse[grp[rows][:, None, None], torch.arange(d)[None, :, None], idx[:, None]]
+            sol = free[rows] - (cols @ z.unsqueeze(2)).squeeze(2)
+            out[rows] = torch.where(keep_rows[rows], sol, 0.0)
+        else:
+            anchor = torch.where(valid, w0[rows].gather(1, idx), 0.0)
+            b = torch.where(valid, t[rows].gather(1, idx), 0.0)
+            delta = _spd_solve(a, b - (a @ anchor.unsqueeze(2)).squeeze(2))
+            values = torch.where(valid, anchor + delta, 0.0)
+            out[rows] = torch.zeros_like(out[rows]).scatter(1, idx, values)
+    return out.view(g, r, d)
+
+
+def _sweep(damped: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """SparseGPT's column sweep for one group: from the unconstrained optimum, each pruned
+    column in turn is zeroed and its error spread over the later columns by the Cholesky
+    factor of the inverse. damped: (D', D'); target: (D', R); keep: (R, D') -> (R, D')."""
+    factor = torch.linalg.cholesky(damped)
+    w = torch.cholesky_solve(target, factor).T.contiguous()  # (R, D') unconstrained optimum
+    upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    d = w.shape[1]
+    for i1 in range(0, d, SWEEP_BLOCK):
+        i2 = min(i1 + SWEEP_BLOCK, d)
+        block, errors = w[:, i1:i2].clone(), torch.zeros_like(w[:, i1:i2])
+        for i in range(i2 - i1):
+            col = block[:, i]
+            err = torch.where(keep[:, i1 + i], 0.0, col) / upper[i1 + i, i1 + i]
+            block[:, i:] -= err.unsqueeze(1) * upper[i1 + i, i1 + i : i2].unsqueeze(0)
+            block[:, i] = torch.where(keep[:, i1 + i], block[:, i], 0.0)
+            errors[:, i] = err
+        w[:, i1:i2] = block
+        w[:, i2:] -= errors @ upper[i1:i2, i2:]
+    return torch.where(keep, w, 0.0)

@@ -1,0 +1,203 @@
+"""Repair (pipeline/repair.py, ridge.py) against brute force: explicit least squares on the design
+matrix each layer's output is linear in, built here from the layer itself (one basis weight
+at a time), not from the unfolding the repair uses."""
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.batchnorm import BN_RULES, batchnorms, input_moments
+from pipeline.evaluation import output_distortion, predict_logits
+from pipeline.layers import prunable_layers
+from pipeline.masking import apply_masks, magnitude_masks
+from pipeline.repair import RepairStats, augmented_weight, equations_solution, repair_network
+from pipeline.ridge import damping_of, solve
+from tests.models_zoo import TinyMLP, TinyResNet, randomized
+
+LAYERS = {
+    "conv2d, groups, stride, dilation, bias": (
+        lambda: nn.Conv2d(4, 6, 3, stride=2, padding=2, dilation=2, groups=2),
+        (5, 4, 9, 9),
+    ),
+    "conv1d, same padding": (lambda: nn.Conv1d(3, 4, 4, padding="same", bias=False), (6, 3, 11)),
+    "conv3d, stride": (
+        lambda: nn.Conv3d(2, 3, (2, 3, 2), stride=(1, 2, 1), padding=1, bias=False),
+        (2, 2, 5, 6, 5),
+    ),
+    "depthwise conv2d, reflect": (
+        lambda: nn.Conv2d(3, 3, 3, padding=1, groups=3, padding_mode="reflect"),
+        (4, 3, 6, 6),
+    ),
+    "linear on (N, T, F)": (lambda: nn.Linear(7, 5), (4, 6, 7)),
+}
+
+
+def design(module: nn.Module, x: torch.Tensor, row: int) -> torch.Tensor:
+    """(M, D') the matrix output row ``row`` of ``module`` is linear in on input x, over the
+    row's own weights (and a column of ones for its bias): one basis weight at a time."""
+    weight = module.weight.detach().to(torch.float64)
+    per_row = weight[0].numel()
+    cols = []
+    for k in range(per_row):
+        basis = torch.zeros_like(weight)
+        basis[row].view(-1)[k] = 1.0
+        params = {"weight": basis}
+        if module.bias is not None:
+            params["bias"] = torch.zeros_like(module.bias, dtype=torch.float64)
+        out = torch.func.functional_call(module.double(), params, (x.double(),))
+        cols.append(_row_output(module, out, row))
+    if module.bias is not None:
+        cols.append(torch.ones_like(cols[0]))
+    module.float()
+    return torch.stack(cols, dim=1)
+
+
+def _row_output(module: nn.Module, out: torch.Tensor, row: int) -> torch.Tensor:
+    return (out[..., row] if isinstance(module, nn.Linear) else out[:, row]).flatten()
+
+
+def brute_force(module, dense_in, pruned_in, mask, damping, objective):
+    """Per row, lstsq on the explicit system (ridge rows toward the dense weights)."""
+    w0 = augmented_weight(module)  # (G, R, D')
+    g, r, d = w0.shape
+    width = module.weight[0].numel()
+    keep = torch.cat([mask.reshape(g, r, -1), torch.ones(g, r, d - width, dtype=torch.bool)], 2)
+    out = torch.zeros_like(w0)
+    for row in range(g * r):
+        grp, i = divmod(row, r)
+        a = design(module, pruned_in, row)
+        source = design(module, dense_in if objective == "output" else pruned_in, row)
+        t = source @ w0[grp, i]
+        width = a.shape[1] - (module.bias is not None)
+        lam = damping * (a[:, :width].pow(2).sum(0)).mean()
+        s = keep[grp, i].nonzero().flatten()
+        lhs, rhs = a[:, s], t
+        if lam > 0:
+            lhs = torch.cat([lhs, lam.sqrt() * torch.eye(len(s), dtype=lhs.dtype)])
+            rhs = torch.cat([rhs, lam.sqrt() * w0[grp, i, s]])
+        out[grp, i, s] = torch.linalg.lstsq(lhs, rhs.unsqueeze(1)).solution.squeeze(1)
+    return out
+
+
+def solved(module, dense_in, pruned_in, mask, damping, objective, solver="exact"):
+    stats = RepairStats(module, augmented_weight(module) if objective == "output" else None, 4096)
+    for lo in range(0, len(dense_in), 2):  # several batches, small unfolding chunks
+        stats.add(pruned_in[lo : lo + 2], dense_in[lo : lo + 2] if objective == "output" else None)
+    return equations_solution(module, stats.equations(), mask, damping, solver)
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS))
+@pytest.mark.parametrize("objective", ["layerwise", "output"])
+@pytest.mark.parametrize("sparsity", [0.25, 0.75])  # fewer pruned than kept, and the reverse
+@pytest.mark.parametrize("damping", [0.0, 0.05])
+def test_repair_equals_least_squares_on_the_explicit_system(case, objective, sparsity, damping):
+    build, shape = LAYERS[case]
+    torch.manual_seed(0)
+    module = build()
+    dense_in = torch.randn(*shape)
+    pruned_in = dense_in + 0.3 * torch.randn(*shape)
+    mask = torch.rand_like(module.weight) > sparsity
+    got = solved(module, dense_in, pruned_in, mask, damping, objective)
+    want = brute_force(module, dense_in, pruned_in, mask, damping, objective)
+    torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-9)
+    width = module.weight[0].numel()
+    assert (got[..., :width].reshape(module.weight.shape)[~mask] == 0).all()  # exact zeros
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS))
+def test_nothing_pruned_no_damping_gives_the_dense_weights(case):
+    build, shape = LAYERS[case]
+    torch.manual_seed(1)
+    module = build()
+    x = torch.randn(*shape)
+    everything = torch.ones_like(module.weight, dtype=torch.bool)
+    for objective in ("layerwise", "output"):
+        got = solved(module, x, x, everything, 0.0, objective)
+        torch.testing.assert_close(got, augmented_weight(module), rtol=1e-6, atol=1e-9)
+
+
+def test_the_sweep_keeps_the_mask_and_is_exact_when_the_pruned_columns_come_first():
+    """SparseGPT's sweep is optimal column by column: exact when every pruned column precedes
+    the kept ones (nothing kept is frozen before a pruned column is spread); otherwise it
+    costs at most a little more than the exact solution, never less."""
+    torch.manual_seed(2)
+    d, rows = 60, 7
+    x = torch.randn(d, 5 * d, dtype=torch.float64)
+    x[3] = 0.9 * x[5] + 0.1 * x[3]  # correlated inputs: the spread matters
+    gram = (x @ x.T).unsqueeze(0)
+    w0 = torch.randn(1, rows, d, dtype=torch.float64)
+    lam = damping_of(gram, 0.01, d)
+    rhs = gram @ w0.transpose(1, 2)
+
+    def cost(w):
+        delta = (w - w0)[0]
+        return float(((delta @ gram[0]) * delta).sum() + lam * delta.pow(2).sum())
+
+    prefix = torch.ones(1, rows, d, dtype=torch.bool)
+    prefix[..., :30] = False
+    torch.testing.assert_close(
+        solve(gram, rhs, w0, prefix, lam, "sweep"), solve(gram, rhs, w0, prefix, lam, "exact")
+    )
+    keep = torch.rand(1, rows, d) > 0.6
+    exact, sweep = (solve(gram, rhs, w0, keep, lam, s) for s in ("exact", "sweep"))
+    assert (sweep[~keep] == 0).all() and (exact[~keep] == 0).all()
+    assert cost(exact) <= cost(sweep) <= 1.5 * cost(exact)
+    assert cost(sweep) < cost(torch.where(keep, w0, 0.0))  # better than no repair
+
+
+def _pruned(model, fraction):
+    kept = {n: int(m.weight.numel() * (1 - fraction)) for n, m in prunable_layers(model)}
+    masks = magnitude_masks(model, kept)
+    pruned = copy.deepcopy(model)
+    apply_masks(pruned, masks)
+    return pruned, masks
+
+
+@pytest.mark.parametrize("build", [lambda: randomized(TinyResNet()), lambda: TinyMLP().eval()])
+def test_repair_network_lowers_the_distortion_and_keeps_the_zeros(build):
+    torch.manual_seed(3)
+    dense = build()
+    shape = (3, 8, 8) if isinstance(dense, TinyResNet) else (12,)
+    images = torch.randn(64, *shape)
+    reference = predict_logits(dense, images, 16)
+    before_model, masks = _pruned(dense, 0.6)
+    before = output_distortion(predict_logits(before_model, images, 16), reference)[0]
+    for objective in ("layerwise", "output"):
+        model = copy.deepcopy(before_model)
+        report = repair_network(model, dense, masks, images, objective, 0.01, 16)
+        assert report.layers == [n for n, _ in prunable_layers(dense)]  # execution order here
+        after = output_distortion(predict_logits(model, images, 16), reference)[0]
+        assert after < before
+        for name, mask in masks.items():
+            assert (dict(model.named_modules())[name].weight[~mask] == 0).all()
+
+
+def test_batchnorms_are_set_by_the_rule_from_what_they_receive_in_the_final_network():
+    """Each BatchNorm is set as the walk reaches it, from the layer's equations when it alone
+    consumes a repaired layer: the result equals the rule applied to the moments measured on
+    the finished network (nothing after a BatchNorm changes what it receives)."""
+    torch.manual_seed(4)
+    dense = randomized(TinyResNet())
+    images = torch.randn(48, 3, 8, 8)
+    model, masks = _pruned(dense, 0.7)
+    report = repair_network(model, dense, masks, images, "output", 0.01, 16, bn_rule="relative")
+    assert len(report.batchnorms) == len(batchnorms(dense))
+    for bn, dense_bn in zip(batchnorms(model), batchnorms(dense), strict=True):
+        (pruned,) = input_moments(model, [bn], images, 16)
+        (before,) = input_moments(dense, [dense_bn], images, 16)
+        mean, var = BN_RULES["relative"](dense_bn, before, pruned)
+        torch.testing.assert_close(bn.running_mean, mean, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(bn.running_var, var, rtol=1e-4, atol=1e-5)
+
+
+def test_repair_is_deterministic():
+    dense = randomized(TinyResNet())
+    images = torch.randn(32, 3, 8, 8, generator=torch.Generator().manual_seed(5))
+    states = []
+    for _ in range(2):
+        model, masks = _pruned(dense, 0.5)
+        repair_network(model, dense, masks, images, "output", 0.01, 8, bn_rule="relative")
+        states.append(model.state_dict())
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
