@@ -105,7 +105,7 @@ _CIFAR_GLOBALS = {
         (f"{package}.multiarray", "scalar"),
         (f"{package}.numeric", "_frombuffer"),
     )
-} | {("numpy", "ndarray"), ("numpy", "dtype")}
+} | {("numpy", "ndarray"), ("numpy", "dtype"), ("_codecs", "encode")}  # bytes, protocol <= 2
 
 
 def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
@@ -120,12 +120,20 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
                 raise pickle.UnpicklingError(f"it names {module}.{name}, not CIFAR data")
             return super().find_class(module, name)
 
-    allowed = "a CIFAR batch: a pickled dict of 'data' (N x 3072 uint8) and 'labels'"
+    allowed = "a CIFAR-10 batch: a pickled dict of 'data' (N x 3072 uint8) and 'labels' (0-9)"
     try:
         with open(path, "rb") as handle:
             entry = Restricted(handle, encoding="latin1").load()
-        data = np.asarray(entry["data"], dtype=np.uint8).reshape(-1, 3, 32, 32)
-        labels = [int(y) for y in entry.get("labels", entry.get("fine_labels", []))]
+        data, labels = entry["data"], entry["labels"]
+        # checked before anything touches the array: a few bytes of pickle can declare a
+        # huge uninitialised one
+        if not (isinstance(data, np.ndarray) and data.dtype == np.uint8):
+            raise ValueError(f"'data' is {type(data).__name__}, not a uint8 array")
+        if data.nbytes > path.stat().st_size or data.size % 3072:
+            raise ValueError(f"'data' of shape {data.shape} is not rows of 3072 stored bytes")
+        if not all(isinstance(y, int | np.integer) and 0 <= y < 10 for y in labels):
+            raise ValueError("a label is not an integer in 0-9")
+        data, labels = data.reshape(-1, 3, 32, 32), [int(y) for y in labels]
     except (
         pickle.UnpicklingError,
         EOFError,
@@ -134,6 +142,9 @@ def read_cifar_batch(path: Path) -> tuple[np.ndarray, list[int]]:
         ValueError,
         AttributeError,
         IndexError,
+        OverflowError,
+        MemoryError,
+        RuntimeError,
     ) as exc:
         raise PipelineError(
             f"data.root: {path} is not allowed ({exc}); allowed: {allowed}"

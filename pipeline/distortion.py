@@ -28,7 +28,13 @@ from pipeline.patches import (
     candidate_params,
     layer_patch_moments,
 )
-from pipeline.repair import augmented_weight, candidate_rows, equations_solution, moment_equations
+from pipeline.repair import (
+    augmented_weight,
+    candidate_rows,
+    damped_gram,
+    equations_solution,
+    moment_equations,
+)
 from pipeline.suffix import NotTraceable, SuffixRunner, consumer_batchnorm
 
 log = logging.getLogger(__name__)
@@ -133,6 +139,10 @@ class _LevelWeights:
         self.equations = moment_equations(repair[0]) if repair is not None else None
         self.damping = repair[1] if repair is not None else 0.0
         self.anchor = augmented_weight(module) if repair is not None else None
+        # one factorisation of the layer's input statistics for every level
+        self.damped = (
+            damped_gram(module, self.equations, self.damping) if repair is not None else None
+        )
         self.keep = budget // self.bytes
 
     @property
@@ -149,7 +159,12 @@ class _LevelWeights:
         pruned: Candidate = self.weight * keep
         if self.equations is not None:
             rows = equations_solution(
-                self.module, self.equations, keep, self.damping, dense=self.anchor
+                self.module,
+                self.equations,
+                keep,
+                self.damping,
+                dense=self.anchor,
+                damped=self.damped,
             )
             pruned = candidate_rows(self.module, rows)
         if len(self.cache) < self.keep:
@@ -201,7 +216,11 @@ def profile_naive(
     if repair is not None and patches is None:
         # never called as a module (an attention block's out_proj): its input cannot be seen,
         # so the prune stage's walk cannot repair it either; its curve is the plain one
-        log.info("profile layer %s: not repaired (no module call to see its input)", layer)
+        log.info(
+            "profile layer %s: not repaired (its input cannot be seen: the model applies it "
+            "without calling it, or it is a subclass the repair does not cover)",
+            layer,
+        )
         repair = None
     bn_patches = patches if patches is not None and patches.channel_moments else None
     if bn is None:

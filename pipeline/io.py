@@ -7,6 +7,7 @@ skips unchanged downstream work.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import hashlib
@@ -144,14 +145,15 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        with os.fdopen(fd, "wb") as f:
+        with open(fd, "wb", closefd=True) as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as exc:
         if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # a read-only folder: nothing was left either
+                Path(tmp).unlink(missing_ok=True)
         raise PipelineError(
             f"cannot write {path}: {exc.strerror or exc}; allowed: a disk with free space "
             "that this user can write (the earlier file is left as it was)"
@@ -165,9 +167,11 @@ def write_bytes_atomic(path: Path, data: bytes) -> None:
 def remove_temporaries(paths: Paths) -> list[Path]:
     """Delete the temporary files a killed stage left in the output folders (a stray one in
     ``artifacts/rounds/`` would change that folder's DVC hash); returns them."""
-    folders = {paths._at(name).parent for name in _layout() if name != "params"}
-    folders |= {paths._at(name) for name in ("metrics", "plots", "timings", "rounds")}
-    found = sorted({p for folder in folders if folder.is_dir() for p in folder.rglob(TEMPORARY)})
+    folders = {"metrics", "plots", "timings", "rounds"}  # written file by file, whole
+    files = {paths._at(n).parent for n in _layout() if n not in folders and n != "params"}
+    found = {p for folder in files - {paths.root} for p in folder.glob(TEMPORARY)}
+    found |= {p for name in folders for p in paths._at(name).rglob(TEMPORARY)}
+    found = sorted(p for p in found if p.is_file())
     for path in found:
         path.unlink(missing_ok=True)
     return found

@@ -220,7 +220,8 @@ def layer_inputs(
         got: list[torch.Tensor] = []
 
         def record(module: nn.Module, args: tuple, got=got) -> None:
-            got.append(args[0])
+            # several calls: a later in-place op must not change an input already recorded
+            got.append(args[0].clone() if calls > 1 else args[0])
             if len(got) == calls:
                 raise StopForward
 

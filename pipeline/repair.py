@@ -28,7 +28,7 @@ Pure: no I/O, no Ray.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 
 import torch
@@ -51,7 +51,7 @@ from pipeline.patches import (
     supported,
     unfold,
 )
-from pipeline.ridge import damping_of, solve
+from pipeline.ridge import DampedGram, damping_of, solve
 from pipeline.suffix import batchnorm_consumers
 
 log = logging.getLogger(__name__)
@@ -120,9 +120,13 @@ class RepairStats:
         if self.dense is None:
             self.moments.add(pruned_input)
             return
+        self.moments.input_dim = pruned_input.dim()
+        # the chunks hold the patches (D rows) and the target (R rows): both in the budget
+        d, r = self.dense.shape[2], self.dense.shape[1]
+        budget = max(1, self.budget * d // (d + r))
         pairs = zip(
-            unfold(self.module, pruned_input, self.budget),
-            unfold(self.module, dense_input, self.budget),
+            unfold(self.module, pruned_input, budget),
+            unfold(self.module, dense_input, budget),
             strict=True,
         )
         for cols, dense_cols in pairs:
@@ -173,13 +177,21 @@ def equations_solution(
     damping: float,
     solver: str = "auto",
     dense: torch.Tensor | None = None,
+    damped: DampedGram | None = None,
 ) -> torch.Tensor:
     """The repaired (G, R, D') rows of ``module`` from its equations (``layerwise`` when
-    ``eq.rhs`` is None). dense: (G, R, D') the anchor (default: the module's current rows)."""
+    ``eq.rhs`` is None). dense: (G, R, D') the anchor (default: the module's current rows);
+    damped: ``damped_gram(module, eq, damping)``, when several masks share the equations."""
     w0 = augmented_weight(module) if dense is None else dense
     rhs = eq.rhs if eq.rhs is not None else eq.gram @ w0.transpose(1, 2)
-    lam = damping_of(eq.gram, damping, patch_width(module))
-    return solve(eq.gram, rhs, w0, augmented_mask(module, mask), lam, solver)
+    damped = damped if damped is not None else damped_gram(module, eq, damping)
+    keep = augmented_mask(module, mask)
+    return solve(eq.gram, rhs, w0, keep, damped.lam, solver, damped=damped)
+
+
+def damped_gram(module: nn.Module, eq: NormalEquations, damping: float) -> DampedGram:
+    """H + lam I of the equations, lam = ``damping`` x the mean diagonal of the weights' part."""
+    return DampedGram(eq.gram, damping_of(eq.gram, damping, patch_width(module)))
 
 
 def candidate_rows(module: nn.Module, rows: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -258,12 +270,14 @@ def repair_network(
     report = RepairReport([], [])
     # Before the first pruned layer the network is the dense one: every layer there would be
     # re-solved to itself and every BatchNorm set to its own statistics. Skip them.
-    pruned = [k for k, i in enumerate(order) if _prunes(masks.get(names[i]))]
-    for i in order[pruned[0] if pruned else len(order) :]:
+    first = [k for k, i in enumerate(order) if _prunes(masks.get(names[i]))]
+    for i in order[first[0] if first else len(order) :]:
         name, module = names[i], mods[names[i]]
         is_bn = isinstance(module, BN_TYPES)
         if is_bn and name in report.batchnorms:
             continue  # set from the equations of the layer it consumes
+        if not is_bn and objective == "layerwise" and not _prunes(masks.get(name)):
+            continue  # its own weights on its own input: re-solved to themselves
         pair = [model, dense] if objective == "output" or is_bn else [model]
         passes = _batches(
             pair, [module, dense_mods[name]][: len(pair)], inputs, batch_size, counts[i]
@@ -343,3 +357,14 @@ class Recovery:
     @property
     def active(self) -> bool:
         return self.objective is not None or self.bn_rule is not None
+
+    def on(self, images: torch.Tensor | None) -> Recover | None:
+        """This recovery with its images bound: ``recover(model, dense, masks)``; None when
+        there is nothing to do."""
+        if not self.active:
+            return None
+        return lambda model, dense, masks: self(model, dense, masks, images)
+
+
+# recover(masked model, dense model, masks) in place: a ``Recovery`` with its images bound
+Recover = Callable[[nn.Module, nn.Module, Mapping[str, torch.Tensor]], object]

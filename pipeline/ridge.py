@@ -17,6 +17,8 @@ Pure: tensors in, tensors out.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 SOLVERS = ("auto", "exact", "sweep")
@@ -30,6 +32,34 @@ def damping_of(gram: torch.Tensor, damping: float, width: int) -> torch.Tensor:
     return damping * torch.diagonal(gram, dim1=1, dim2=2)[:, :width].mean(1)
 
 
+class DampedGram:
+    """H + lam I per group (G, D', D') float64, with its Cholesky factor, inverse and the
+    sweep's factor of the inverse computed once and shared by every mask solved against it
+    (a profile's levels). ``factor`` is None where H + lam I is singular (a dead input with
+    no damping): the kept-block solver, which falls back to least norm, is used then."""
+
+    def __init__(self, gram: torch.Tensor, lam: torch.Tensor) -> None:
+        g, d = gram.shape[0], gram.shape[1]
+        eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
+        self.matrix = gram + lam.view(g, 1, 1) * eye
+        self.lam = lam
+
+    @functools.cached_property
+    def factor(self) -> torch.Tensor | None:
+        factor, info = torch.linalg.cholesky_ex(self.matrix)
+        return None if bool((info != 0).any()) else factor
+
+    @functools.cached_property
+    def inverse(self) -> torch.Tensor:
+        return torch.cholesky_inverse(self.factor)
+
+    @functools.cached_property
+    def sweep_factor(self) -> torch.Tensor | None:
+        """Upper Cholesky factor of the inverse (SparseGPT's), None where it fails."""
+        upper, info = torch.linalg.cholesky_ex(self.inverse, upper=True)
+        return None if bool((info != 0).any()) else upper
+
+
 def solve(
     gram: torch.Tensor,
     rhs: torch.Tensor,
@@ -38,29 +68,29 @@ def solve(
     lam: torch.Tensor,
     solver: str = "auto",
     budget: int = 256 << 20,
+    damped: DampedGram | None = None,
 ) -> torch.Tensor:
     """Re-solved rows (G, R, D') float64; entries ``keep`` drops are exact zeros.
 
     gram: (G, D', D') H; rhs: (G, D', R) B; weight: (G, R, D') w0 (the anchor of the damping);
-    keep: (G, R, D') bool; lam: (G,) damping. ``budget`` bounds the bytes of the batched
-    per-row systems held at once.
+    keep: (G, R, D') bool; lam: (G,) damping; damped: ``DampedGram(gram, lam)`` when several
+    masks share it. ``budget`` bounds the bytes of the batched per-row systems held at once.
     """
-    g, d = gram.shape[0], gram.shape[1]
-    eye = torch.eye(d, dtype=gram.dtype, device=gram.device)
-    damped = gram + lam.view(g, 1, 1) * eye  # H + lam I
-    target = rhs + lam.view(g, 1, 1) * weight.transpose(1, 2)  # B + lam w0: (G, D', R)
+    damped = damped if damped is not None else DampedGram(gram, lam)
+    target = rhs + lam.view(-1, 1, 1) * weight.transpose(1, 2)  # B + lam w0: (G, D', R)
     if solver == "auto":
-        solver = _pick_solver(keep, d)
-    if solver == "sweep":
-        return torch.stack([_sweep(damped[i], target[i], keep[i]) for i in range(g)])
+        solver = _pick_solver(keep, gram.shape[1])
+    if solver == "sweep" and damped.factor is not None and damped.sweep_factor is not None:
+        return torch.stack([_sweep(damped, i, target[i], keep[i]) for i in range(gram.shape[0])])
     return _solve_rows(damped, target, weight, keep, budget)
 
 
 def _pick_solver(keep: torch.Tensor, d: int) -> str:
-    rows = keep.shape[0] * keep.shape[1]
+    """``exact`` unless its padded per-row systems (the size ``_solve_rows`` uses) would cost
+    more than ``EXACT_COST_FACTOR`` times the sweep."""
     kept = keep.sum(2)
-    k = int(torch.minimum(kept, d - kept).max())
-    exact = rows * k**3 / 3
+    k = min(int(kept.max()), int((d - kept).max()))
+    exact = keep.shape[0] * keep.shape[1] * k**3 / 3
     sweep = keep.shape[0] * (d**3 + keep.shape[1] * d**2)
     return "exact" if exact <= EXACT_COST_FACTOR * sweep else "sweep"
 
@@ -89,41 +119,43 @@ def _gathered(mat: torch.Tensor, grp: torch.Tensor, idx: torch.Tensor, valid: to
 
 
 def _solve_rows(
-    damped: torch.Tensor,
+    damped: DampedGram,
     target: torch.Tensor,
     weight: torch.Tensor,
     keep: torch.Tensor,
     budget: int,
 ) -> torch.Tensor:
-    """Every row's own system, on the kept block or, when fewer are pruned, the pruned block
-    of the inverse (the same minimiser)."""
+    """Every row's own system, on the kept block or, when fewer are pruned (and H + lam I is
+    not singular), the pruned block of the inverse (the same minimiser)."""
     g, r, d = weight.shape
     grp = torch.arange(g, device=weight.device).repeat_interleave(r)
     keep_rows, w0, t = _rows(keep), _rows(weight), _rows(target.transpose(1, 2))
     kept = int(keep_rows.sum(1).max())
     pruned = int((~keep_rows).sum(1).max())
     out = torch.zeros_like(w0)
-    if pruned < kept:  # few pruned: constrain the unconstrained optimum on the pruned block
-        factor = torch.linalg.cholesky(damped)
-        inverse = torch.cholesky_inverse(factor)  # (G, D', D'), once for every row and level
-        free = _rows(torch.cholesky_solve(target, factor).transpose(1, 2))  # (n, D')
+    p_form = pruned < kept and damped.factor is not None
+    if p_form:  # few pruned: constrain the unconstrained optimum on the pruned block
+        inverse = damped.inverse  # (G, D', D'), once for every row and mask
+        free = _rows(torch.cholesky_solve(target, damped.factor).transpose(1, 2))  # (n, D')
         size, order = pruned, torch.argsort(keep_rows.to(torch.int8), dim=1, stable=True)
     else:
         size = kept
         order = torch.argsort((~keep_rows).to(torch.int8), dim=1, stable=True)
     if size == 0:  # nothing pruned anywhere (P form) or nothing kept (S form)
-        return (free if pruned < kept else out).view(g, r, d)
-    step = max(1, budget // (8 * 3 * (size * size + size * d)))
+        return (free if p_form else out).view(g, r, d)
+    # float64 per row: the gathered block and its factor (~3 k^2), and the P form's columns
+    step = max(1, budget // (8 * (3 * size * size + (size * d if p_form else 0))))
+    every = torch.arange(d, device=weight.device)[None, :, None]
     for lo in range(0, len(w0), step):
         rows = slice(lo, lo + step)
         idx = order[rows, :size]
-        count = (~keep_rows[rows] if pruned < kept else keep_rows[rows]).sum(1)
+        count = (~keep_rows[rows] if p_form else keep_rows[rows]).sum(1)
         valid = torch.arange(size, device=idx.device)[None, :] < count[:, None]
-        a = _gathered(inverse if pruned < kept else damped, grp[rows], idx, valid)
-        if pruned < kept:
+        a = _gathered(inverse if p_form else damped.matrix, grp[rows], idx, valid)
+        if p_form:
             v = torch.where(valid, free[rows].gather(1, idx), 0.0)
             z = _spd_solve(a, v)  # (n, p)
-            cols = inverse[grp[rows][:, None, None], torch.arange(d)[None, :, None], idx[:, None]]
+            cols = inverse[grp[rows][:, None, None], every, idx[:, None]]
             sol = free[rows] - (cols @ z.unsqueeze(2)).squeeze(2)
             out[rows] = torch.where(keep_rows[rows], sol, 0.0)
         else:
@@ -135,13 +167,12 @@ def _solve_rows(
     return out.view(g, r, d)
 
 
-def _sweep(damped: torch.Tensor, target: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+def _sweep(damped: DampedGram, group: int, target: torch.Tensor, keep: torch.Tensor):
     """SparseGPT's column sweep for one group: from the unconstrained optimum, each pruned
     column in turn is zeroed and its error spread over the later columns by the Cholesky
-    factor of the inverse. damped: (D', D'); target: (D', R); keep: (R, D') -> (R, D')."""
-    factor = torch.linalg.cholesky(damped)
-    w = torch.cholesky_solve(target, factor).T.contiguous()  # (R, D') unconstrained optimum
-    upper = torch.linalg.cholesky(torch.cholesky_inverse(factor), upper=True)
+    factor of the inverse. target: (D', R); keep: (R, D') -> (R, D') float64."""
+    w = torch.cholesky_solve(target, damped.factor[group]).T.contiguous()  # (R, D') optimum
+    upper = damped.sweep_factor[group]
     d = w.shape[1]
     for i1 in range(0, d, SWEEP_BLOCK):
         i2 = min(i1 + SWEEP_BLOCK, d)

@@ -84,9 +84,6 @@ class RoundSetup:
         def profile(model: nn.Module, reference: torch.Tensor):
             return profile_curves(params, model, self.inputs, reference, of_remaining=True)
 
-        def recover(model: nn.Module, start: nn.Module, masks: dict[str, torch.Tensor]) -> None:
-            self.settings.recover(model, start, masks, self.images)
-
         def retrain(model: nn.Module) -> None:
             train(
                 model,
@@ -101,7 +98,7 @@ class RoundSetup:
         return {
             "profile": profile,
             "macs_per_weight": self.macs,
-            "recover": recover if self.settings.recover.active else None,
+            "recover": recovery(params).on(self.images),
             "retrain": retrain,
             "evaluate": lambda model: accuracy(model, self.splits.test),
         }
@@ -166,7 +163,6 @@ def round_setup(params: Params, paths: io.Paths) -> RoundSetup:
         levels=params.profile.levels,
         batch_size=params.calibrate.batch_size,
         candidates=tuple(params.allocate.candidates),
-        recover=recovery(params),
     )
     return RoundSetup(
         params=params,

@@ -38,7 +38,7 @@ from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.evaluation import output_distortion, predict_logits
 from pipeline.layers import prunable_layers, prunable_numel
 from pipeline.masking import apply_masks, magnitude_masks, zero_count
-from pipeline.repair import Recovery
+from pipeline.repair import Recover
 from pipeline.selection import select_measured
 
 
@@ -137,7 +137,6 @@ class RoundSettings:
     levels: int  # grid size of the round's curves
     batch_size: int  # calibration images per forward pass
     candidates: tuple[str, ...] = ()  # methods competing with ``method`` by measured distortion
-    recover: Recovery = Recovery()  # what the candidates are measured after
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ def run_round(
     *,
     profile: Callable[[nn.Module, torch.Tensor], DistortionCurves],
     macs_per_weight: Mapping[str, int],
-    recover: Callable[[nn.Module, nn.Module, Mapping[str, torch.Tensor]], None] | None,
+    recover: Recover | None,
     retrain: Callable[[nn.Module], None],
     evaluate: Callable[[nn.Module], float],
 ) -> RoundResult:
@@ -187,7 +186,7 @@ def run_round(
     selected, measured_by = methods[0], {}
     if len(methods) > 1:
         selected, measured_by = select_measured(
-            start, allocations, inputs, reference, settings.batch_size, settings.recover
+            start, allocations, inputs, reference, settings.batch_size, recover
         )
     allocation = allocations[selected]
     lap("allocate")

@@ -17,7 +17,7 @@ from torch import nn
 from pipeline.allocation import Allocation
 from pipeline.evaluation import output_distortion, predict_logits
 from pipeline.masking import apply_masks, magnitude_masks
-from pipeline.repair import Recovery
+from pipeline.repair import Recover
 
 
 def measured_distortion(
@@ -26,15 +26,17 @@ def measured_distortion(
     inputs: torch.Tensor,
     reference: torch.Tensor,
     batch_size: int,
-    recover: Recovery,
+    recover: Recover | None,
 ) -> float:
     """Mean per-sample logit MSE of ``model`` pruned by ``allocation`` against ``reference``
-    (N, classes) on ``inputs`` (N, ...), after ``recover`` on them."""
+    (N, classes) on ``inputs`` (N, ...), after ``recover`` (with its own images, as the prune
+    stage's: a repair fitted to the images it is measured on would flatter it)."""
     pruned = copy.deepcopy(model)
     kept = allocation.kept_by_layer
     masks = magnitude_masks(pruned, kept)
     apply_masks(pruned, masks)
-    recover(pruned, model, masks, inputs)
+    if recover is not None:
+        recover(pruned, model, masks)
     return output_distortion(predict_logits(pruned, inputs, batch_size), reference)[0]
 
 
@@ -44,7 +46,7 @@ def select_measured(
     inputs: torch.Tensor,
     reference: torch.Tensor,
     batch_size: int,
-    recover: Recovery,
+    recover: Recover | None,
 ) -> tuple[str, dict[str, float]]:
     """(name of the candidate with the least measured distortion, every candidate's value).
     Ties go to the first candidate."""

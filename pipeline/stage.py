@@ -32,7 +32,7 @@ from pipeline.allocation import (
     layer_bounds,
 )
 from pipeline.config import Params, flatten
-from pipeline.data import calibration_subset
+from pipeline.data import calibration_subset, load_dataset
 from pipeline.device import resolve_device
 from pipeline.distortion import DistortionCurves, sparsity_grid
 from pipeline.errors import PipelineError
@@ -288,15 +288,23 @@ def choose_allocation(
     """(method chosen, its allocation, measured distortion per candidate) as params ask:
     one-shot ``allocate.method``; ``allocate.steps`` > 1: progressive, re-profiling the
     partially pruned model against its own outputs; ``allocate.candidates``: the method and
-    the candidates compete by measured joint distortion on the calibration set;
+    the candidates compete by measured joint distortion on the calibration set (after the
+    prune stage's recovery on its own images);
     ``allocate.refine``: rd's optimum refined on a measured objective (``rd+refine``)."""
-    method, allocate_params, recover = params.allocate.method, params.allocate, recovery(params)
+    method, allocate_params = params.allocate.method, params.allocate
     if allocate_params.steps == 1 and not allocate_params.candidates and not allocate_params.refine:
         return method, allocate(method, problem), {}
     inputs, labels, reference = io.read_calibration(paths.calibration)
     if allocate_params.refine:  # beyond the paper: measured exchanges from the DP's optimum
         return refined_allocation(params, model, problem, inputs, labels, reference)
     batch = params.calibrate.batch_size
+    # the same recovery as the prune stage's, on its images (not the calibration set the
+    # distortion is measured on)
+    recover = recovery(params).on(
+        recovery_images(params, load_dataset(params.data).train_eval)
+        if recovery(params).active
+        else None
+    )
     if allocate_params.steps > 1:
         allocation = progressive_allocation(
             model,
@@ -304,9 +312,9 @@ def choose_allocation(
             method,
             allocate_params.steps,
             reprofile=lambda m: profile_curves(params, m, inputs, predict_logits(m, inputs, batch)),
-            recalibrate=(lambda m: recover(m, model, masks_from_zeros(m), inputs))
-            if recover.active
-            else None,
+            recalibrate=None
+            if recover is None
+            else (lambda m: recover(m, model, masks_from_zeros(m))),
         )
         return method, allocation, {}
     names = list(dict.fromkeys([method, *allocate_params.candidates]))

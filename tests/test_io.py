@@ -117,8 +117,13 @@ def test_temporaries_left_by_a_kill_are_removed(tmp_path):
     for path in stray:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(b"half")
+    elsewhere = [tmp_path / ".venv" / ".x.tmp", tmp_path / "data" / ".photo.tmp"]
+    for path in elsewhere:  # not the pipeline's: never touched
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"theirs")
     assert sorted(io.remove_temporaries(paths)) == sorted(stray)
     assert not any(p.exists() for p in stray) and (folder / "model.pt").exists()
+    assert all(p.exists() for p in elsewhere)
 
 
 def test_checkpoint_roundtrip_is_plain_and_deterministic(tmp_path):

@@ -162,6 +162,49 @@ def test_a_cifar_batch_cannot_run_code(tmp_path, where):
         load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
 
 
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"data": np.full((6, 3072), 0.7), "labels": [0] * 6}, "not a uint8 array"),
+        ({"data": np.zeros((6, 3072), np.uint8), "labels": [0, 1, 2, 3, 4, 10]}, "0-9"),
+        ({"data": np.zeros((6, 3072), np.uint8), "labels": [0, 1, 2, 3, 4, 3.9]}, "0-9"),
+        ({"data": np.zeros((6, 100), np.uint8), "labels": [0] * 6}, "rows of 3072"),
+    ],
+)
+def test_a_cifar_batch_holds_what_the_format_allows(tmp_path, entry, message):
+    write_cifar(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    batch.write_bytes(pickle.dumps(entry))
+    with pytest.raises(PipelineError, match=rf"{batch} is not allowed .*{message}"):
+        load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
+
+
+def test_a_cifar_batch_cannot_declare_a_huge_array(tmp_path):
+    """A few bytes of pickle can ask numpy for gigabytes; the size is checked against the
+    file before the array is touched."""
+    write_cifar(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+
+    class Huge:
+        def __reduce__(self):
+            return (np.ndarray, ((2**22, 3072), np.dtype("u1")))
+
+    batch.write_bytes(pickle.dumps({"data": Huge(), "labels": [0]}))
+    with pytest.raises(PipelineError, match="not rows of 3072 stored bytes"):
+        load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
+
+
+def test_an_old_protocol_cifar_batch_is_read(tmp_path):
+    """Python 3 re-pickling the official batches with protocol 2 stores bytes via
+    _codecs.encode: allowed."""
+    write_cifar(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "test_batch"
+    data = np.arange(6 * 3072, dtype=np.uint8).reshape(6, 3072)
+    batch.write_bytes(pickle.dumps({"data": data, "labels": [1] * 6, "name": b"x"}, protocol=2))
+    splits = load_dataset(DataParams(name="cifar10", root=str(tmp_path)))
+    assert len(splits.test) == 6 and splits.test[0][1] == 1
+
+
 def test_synthetic_calibration_is_seeded_standard_normal():
     x = synthetic_inputs(torch.zeros(3, 32, 32), 512, seed=0)
     assert x.shape == (512, 3, 32, 32) and torch.equal(

@@ -201,3 +201,36 @@ def test_repair_is_deterministic():
         repair_network(model, dense, masks, images, "output", 0.01, 8, bn_rule="relative")
         states.append(model.state_dict())
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+@pytest.mark.parametrize("damping", [0.0, 0.01])
+@pytest.mark.parametrize("solver", ["exact", "sweep"])
+def test_singular_statistics_fall_back_to_least_norm(damping, solver):
+    """A layer whose input is all zero (the layer before it fully pruned) or rank deficient:
+    no factorisation exists; the solve keeps the dense weights where the data says nothing."""
+    torch.manual_seed(6)
+    module = nn.Linear(6, 3, bias=False)
+    x = torch.zeros(20, 6)
+    x[:, :2] = torch.randn(20, 2)  # four dead inputs
+    stats = RepairStats(module, None, 1 << 20)
+    stats.add(x)
+    for sparsity in (0.2, 0.8):  # the pruned-block form and the kept-block form
+        mask = torch.rand_like(module.weight) > sparsity
+        rows = equations_solution(module, stats.equations(), mask, damping, solver)
+        assert torch.isfinite(rows).all() and (rows[0][~mask] == 0).all()
+    dead = RepairStats(module, None, 1 << 20)
+    dead.add(torch.zeros(20, 6))
+    keep = torch.ones_like(module.weight, dtype=torch.bool)
+    rows = equations_solution(module, dead.equations(), keep, damping, solver)
+    torch.testing.assert_close(rows[0], module.weight.detach().double())
+
+
+def test_a_fully_pruned_layer_before_another_is_repaired_without_error():
+    model = nn.Sequential(nn.Linear(6, 5, bias=False), nn.ReLU(), nn.Linear(5, 3)).eval()
+    masks = {"0": torch.zeros(5, 6, dtype=torch.bool), "2": torch.rand(3, 5) > 0.3}
+    pruned = copy.deepcopy(model)
+    apply_masks(pruned, masks)
+    images = torch.randn(32, 6)
+    report = repair_network(pruned, model, masks, images, "output", 0.01, 8)
+    assert report.layers == ["0", "2"] and (pruned[0].weight == 0).all()
+    assert torch.isfinite(pruned[2].weight).all() and (pruned[2].weight[~masks["2"]] == 0).all()

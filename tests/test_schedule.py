@@ -105,11 +105,9 @@ def test_rounds_repair_the_kept_weights_and_keep_the_zeros():
     retraining) against the model the round started from."""
     model = digits_model()
     inputs = torch.randn(32, 1, 8, 8, generator=torch.Generator().manual_seed(1))
-    repair = Recovery(objective="output", batch_size=16)
+    repair = Recovery(objective="output", batch_size=16).on(inputs)
     plain = rounds_of("global", model, inputs)
-    repaired = rounds_of(
-        "global", model, inputs, recover=lambda m, start, masks: repair(m, start, masks, inputs)
-    )
+    repaired = rounds_of("global", model, inputs, recover=repair)
     # round 1: the same masks (global magnitude on the same start weights), other weights
     first = (zeros_of(plain[0].model), zeros_of(repaired[0].model))
     assert all(torch.equal(first[0][n], first[1][n]) for n in first[0])

@@ -28,7 +28,7 @@ def test_selection_picks_the_least_measured_distortion():
     reference = predict_logits(model, inputs, 16)
     light, heavy = allocation_keeping(model, 0.9), allocation_keeping(model, 0.2)
     chosen, measured = select_measured(
-        model, {"heavy": heavy, "light": light}, inputs, reference, 16, Recovery()
+        model, {"heavy": heavy, "light": light}, inputs, reference, 16, Recovery().on(inputs)
     )
     assert chosen == "light" and 0 < measured["light"] < measured["heavy"]
     assert all(mask.all() for mask in masks_from_zeros(model).values())  # the model is untouched
@@ -39,8 +39,8 @@ def test_selection_picks_the_least_measured_distortion():
     expected = output_distortion(predict_logits(clone, inputs, 16), reference)[0]
     assert measured["light"] == expected
     for mode in ("relative", "absolute"):  # BN recalibration changes it
-        recover = Recovery(bn_rule=mode, batch_size=16)
+        recover = Recovery(bn_rule=mode, batch_size=16).on(inputs)
         assert measured_distortion(model, light, inputs, reference, 16, recover) != expected
     # so does the repair, and it lowers the distortion the masks leave
-    recover = Recovery(objective="output", batch_size=16)
+    recover = Recovery(objective="output", batch_size=16).on(inputs)
     assert measured_distortion(model, light, inputs, reference, 16, recover) < expected
