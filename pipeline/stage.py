@@ -300,11 +300,10 @@ def choose_allocation(
     batch = params.calibrate.batch_size
     # the same recovery as the prune stage's, on its images (not the calibration set the
     # distortion is measured on)
-    recover = recovery(params).on(
-        recovery_images(params, load_dataset(params.data).train_eval)
-        if recovery(params).active
-        else None
-    )
+    recover = None
+    if recovery(params).active:
+        images = recovery_images(params, load_dataset(params.data).train_eval)
+        recover = recovery(params).on(images)
     if allocate_params.steps > 1:
         allocation = progressive_allocation(
             model,
