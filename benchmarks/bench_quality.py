@@ -107,6 +107,53 @@ def paired(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return 100 * float(z.mean()), 100 * se
 
 
+def _seed_file(folder: Path, seed: int) -> Path:
+    return folder / f"seed{seed}.json"
+
+
+def save_seed(folder, settings, seed, rows, fidelity, hits, seconds) -> None:
+    """Write one seed's cells, hits (as 0/1 strings over the test images) and stage times."""
+    if folder is None:
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+
+    def of(table: dict) -> dict:
+        return {n: {str(r): v for (s, r), v in c.items() if s == seed} for n, c in table.items()}
+
+    hit_strings = {
+        n: {str(r): "".join("1" if x else "0" for x in v.tolist()) for r, v in c.items()}
+        for n, c in of(hits).items()
+    }
+    record = {
+        "settings": settings,
+        "rows": of(rows),
+        "fidelity": of(fidelity),
+        "hits": hit_strings,
+        "seconds": seconds,
+    }
+    _seed_file(folder, seed).write_text(json.dumps(record))
+
+
+def load_seed(folder, settings, seed, rows, fidelity, hits, seconds) -> bool:
+    """Fill the tables with a saved seed's results; False when none saved with these settings."""
+    if folder is None or not _seed_file(folder, seed).is_file():
+        return False
+    record = json.loads(_seed_file(folder, seed).read_text())
+    if record["settings"] != settings:
+        print(f"  seed {seed}: {folder} holds other settings; rerun", flush=True)
+        return False
+    for table, saved in ((rows, record["rows"]), (fidelity, record["fidelity"])):
+        for name, cells in saved.items():
+            table.setdefault(name, {}).update({(seed, float(r)): v for r, v in cells.items()})
+    for name, cells in record["hits"].items():
+        hits.setdefault(name, {}).update(
+            {(seed, float(r)): torch.tensor([c == "1" for c in v]) for r, v in cells.items()}
+        )
+    for label, times in record["seconds"].items():
+        seconds.setdefault(label, []).extend(times)
+    return True
+
+
 def half_root(data_root: Path, half: str, workdir: Path) -> Path:
     """An ImageFolder root with test/ and one fixed random half (A or B) of train/ (symlinks)."""
     from torchvision.datasets import ImageFolder
@@ -144,6 +191,13 @@ def main() -> None:
     parser.add_argument(
         "--bn-mode", choices=sorted(BN_RULES), default=None, help="prune.bn_recalibration_mode"
     )
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="folder of per-seed results: a seed found there with the same settings is read, "
+        "not rerun (so seeds can run in separate processes and be combined)",
+    )
     args = parser.parse_args()
     ratios, seeds = args.ratios, args.seeds
     variants = {name: VARIANTS[name] for name in args.variants}
@@ -161,6 +215,14 @@ def main() -> None:
     if args.bn_mode is not None:  # every method, the curves' correction included
         base["prune"]["bn_recalibration_mode"] = args.bn_mode
     started = time.perf_counter()
+    settings = {  # what a saved seed's results depend on besides the code
+        "ratios": ratios,
+        "variants": list(variants),
+        "methods": list(methods),
+        "half": args.half,
+        "device": args.device,
+        "bn_mode": args.bn_mode,
+    }
     rows: dict[str, dict[tuple[int, float], str]] = {}
     fidelity: dict[str, dict[tuple[int, float], str]] = {}  # agreement with the dense model
     hits: dict[str, dict[tuple[int, float], torch.Tensor]] = {}
@@ -230,6 +292,10 @@ def main() -> None:
         run(root, base, baseline)
         dense_logits = test_logits(root, io.Paths(root).baseline, images)
         for seed in seeds:
+            if load_seed(args.results, settings, seed, rows, fidelity, hits, seconds):
+                print(f"  seed {seed}: read from {args.results}", flush=True)
+                continue
+            mark = {label: len(times) for label, times in seconds.items()}
             for variant, overrides in variants.items():
                 params = merged({**base, "seed": seed}, overrides)
                 table_for(params)
@@ -250,7 +316,9 @@ def main() -> None:
                     for ratio in ratios:
                         m = prune_at(method + suffix, params, method, seed, ratio)
                         rows[method + suffix][seed, ratio] = f"{100 * m['accuracy']:5.1f}"
-        dense = io.read_metrics(io.Paths(root).metrics("calibrate"))["dense_accuracy"]
+            this_seed = {k: v[mark.get(k, 0) :] for k, v in seconds.items()}
+            save_seed(args.results, settings, seed, rows, fidelity, hits, this_seed)
+        dense = float((dense_logits.argmax(1) == labels).float().mean())
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     where = "" if args.half is None else f", images from half {args.half} of train/"

@@ -18,6 +18,10 @@ from typing import Any
 
 from pipeline.errors import PipelineError
 
+# Beyond these a value is a typo, and would exhaust memory before anything says so
+MAX_IMAGE_SIZE = 4096  # pixels a side
+MAX_SAMPLES = 1_000_000  # calibration images
+MAX_LEVELS = 10_001  # grid points per layer
 DISTORTION_KINDS = ("mean", "max")  # per-sample mean / worst-case curves (see distortion.py)
 
 
@@ -73,11 +77,13 @@ class DataParams:
                 "data.mean/data.std", (self.mean, self.std), "lists of one value per channel"
             )
         if self.image_size is not None:
-            _check_positive("data.image_size", self.image_size)
+            _check_range("data.image_size", self.image_size, 1, MAX_IMAGE_SIZE)
             if self.name == "digits":  # its 8x8 arrays are never resized
                 raise _fail("data.image_size", self.image_size, "null with data.name 'digits'")
-        if self.std is not None and any(s <= 0 for s in self.std):
-            raise _fail("data.std", self.std, "positive numbers")
+        if self.mean is not None and not all(math.isfinite(m) for m in self.mean):
+            raise _fail("data.mean", self.mean, "finite numbers")
+        if self.std is not None and not all(math.isfinite(s) and s > 0 for s in self.std):
+            raise _fail("data.std", self.std, "positive finite numbers")
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,7 @@ class CalibrateParams:
         from pipeline.data import CALIBRATION_SOURCES
 
         _check_choice("calibrate.source", self.source, CALIBRATION_SOURCES)
-        _check_positive("calibrate.samples", self.samples)
+        _check_range("calibrate.samples", self.samples, 1, MAX_SAMPLES)
         _check_positive("calibrate.batch_size", self.batch_size)
 
 
@@ -129,8 +135,10 @@ class ProfileParams:
 
         _check_choice("profile.engine", self.engine, ENGINES)
         _check_positive("profile.memory_mb", self.memory_mb)
-        if self.levels < 2:
-            raise _fail("profile.levels", self.levels, "an integer >= 2 (grid 0, ..., 1)")
+        if not 2 <= self.levels <= MAX_LEVELS:
+            raise _fail(
+                "profile.levels", self.levels, f"an integer in [2, {MAX_LEVELS}] (grid 0, ..., 1)"
+            )
         _check_positive("profile.batch_size", self.batch_size)
         _check_positive("profile.threads", self.threads)
 

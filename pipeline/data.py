@@ -54,7 +54,10 @@ def load_digits_splits(params: DataParams) -> DatasetSplits:
     mean = torch.tensor(params.mean or DIGITS_MEAN).view(1, -1, 1, 1)
     std = torch.tensor(params.std or DIGITS_STD).view(1, -1, 1, 1)
     if mean.numel() != 1:
-        raise PipelineError(f"data.mean = {params.mean} has {mean.numel()} channels; digits has 1")
+        raise PipelineError(
+            f"data.mean = {params.mean} has {mean.numel()} channels; digits has 1; "
+            "allowed: one value each in data.mean and data.std, or null"
+        )
     images = (images - mean) / std
     labels = torch.from_numpy(bunch.target.astype(np.int64))
     order = np.random.default_rng(DIGITS_SPLIT_SEED).permutation(len(labels))
@@ -230,8 +233,11 @@ def load_imagefolder(params: DataParams) -> DatasetSplits:
         train_eval = ImageFolder(str(root / "train"), eval_tf)
         train = ImageFolder(str(root / "train"), train_tf)
         test = ImageFolder(str(held_out), eval_tf)
-    except (FileNotFoundError, OSError, RuntimeError) as exc:
-        raise PipelineError(f"data.root: {root} is not a readable image folder ({exc})") from None
+    except Exception as exc:  # PIL raises its own types too (DecompressionBombError, ...)
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise PipelineError(
+            f"data.root: {root} is not a readable image folder ({first}); allowed: {allowed}"
+        ) from None
     if test.classes != train_eval.classes:
         raise PipelineError(f"data.root: {held_out.name}/ and train/ have different class folders")
     channels = 1 if probe[0][0].mode == "L" else 3

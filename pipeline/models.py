@@ -155,7 +155,7 @@ def _user_factory(spec: str) -> ModelFactory:
     module_name, _, attr = spec.partition(":")
     try:
         factory = getattr(importlib.import_module(module_name), attr)
-    except Exception as exc:  # whatever the user's module raises while it is imported
+    except (Exception, SystemExit) as exc:  # whatever the user's module raises on import
         first = (str(exc).strip().splitlines() or [""])[0]
         raise PipelineError(
             f"model.arch = {spec!r} cannot be imported ({type(exc).__name__}: {first}); "
@@ -243,7 +243,10 @@ def load_weights(
             for label, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong))
             if keys
         )
-        raise PipelineError(f"checkpoint {source} does not match model.arch = {arch!r} ({detail})")
+        raise PipelineError(
+            f"checkpoint {source} does not match model.arch = {arch!r} ({detail}); allowed: "
+            "the state_dict of that architecture (or the model.arch it was saved from)"
+        )
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not v.isfinite().all()]
     if bad:
         raise PipelineError(

@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import logging
 import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -18,11 +19,19 @@ from typing import Any
 import torch
 import yaml
 
+from pipeline.allocation import layer_bounds
 from pipeline.config import Params
 from pipeline.data import DatasetSplits, load_dataset
 from pipeline.errors import PipelineError
-from pipeline.layers import unpruned_matrices
-from pipeline.models import MODEL_SOURCES, MODELS, build_model
+from pipeline.io import read_checkpoint
+from pipeline.layers import prunable_numel, unpruned_matrices
+from pipeline.models import (
+    MODEL_SOURCES,
+    MODELS,
+    build_model,
+    load_weights,
+    normalize_state_dict,
+)
 
 log = logging.getLogger("rdprune")
 
@@ -35,8 +44,9 @@ def dvc_param_keys(dvc_yaml: Path) -> dict[str, list[str]]:
     """``{stage: [params.yaml keys it lists]}`` from dvc.yaml (keys of params.yaml only)."""
     try:
         stages = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {})
-    except (yaml.YAMLError, AttributeError) as exc:
-        raise PipelineError(f"{dvc_yaml} is not a readable dvc.yaml ({exc})") from None
+    except (yaml.YAMLError, AttributeError, UnicodeDecodeError) as exc:
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise PipelineError(f"{dvc_yaml} is not a readable dvc.yaml ({first})") from None
     out: dict[str, list[str]] = {}
     for stage, spec in stages.items():
         keys: list[str] = []
@@ -79,6 +89,34 @@ def _evenly(items: list, count: int) -> list:
     return [items[math.floor(i * step)] for i in range(count)]
 
 
+def check_folder_files(root: Path, files: list[str]) -> None:
+    """An image folder's files are each read once (a symlink to a folder above would feed its
+    images again, silently) and what the reader skips (not an image) is said."""
+    seen: dict[str, str] = {}
+    for path in files:
+        real = os.path.realpath(path)
+        if real in seen:
+            raise PipelineError(
+                f"data.root: {path} is {seen[real]} again (through a symlink); allowed: each "
+                "image once under its class folder"
+            )
+        seen[real] = path
+    taken = {os.path.normpath(f) for f in files}
+    skipped = [
+        os.path.join(folder, name)
+        for folder, _, names in os.walk(root)
+        for name in names
+        if os.path.normpath(os.path.join(folder, name)) not in taken and not name.startswith(".")
+    ]
+    if skipped:
+        log.warning(
+            "validate: %d file(s) under %s are not images and are not read, e.g. %s",
+            len(skipped),
+            root,
+            skipped[0],
+        )
+
+
 def check_images(params: Params, splits: DatasetSplits) -> None:
     """Image-folder data: every image's header (an evenly spaced sample beyond
     ``SIZE_CHECK_ALL`` files) opens, and with ``data.image_size`` null they all share one
@@ -89,13 +127,17 @@ def check_images(params: Params, splits: DatasetSplits) -> None:
         files = _image_files(split)
         if not files:
             continue
+        check_folder_files(Path(split.root), files)
         sizes: dict[tuple[int, int], str] = {}
         for path in _evenly(files, SIZE_CHECK_ALL):
             try:
                 with Image.open(path) as image:
                     sizes.setdefault(image.size, path)
             except (OSError, Image.DecompressionBombError) as exc:
-                raise PipelineError(f"data.root: {path} is not a readable image ({exc})") from None
+                raise PipelineError(
+                    f"data.root: {path} is not a readable image ({exc}); allowed: image "
+                    "files PIL reads (move others out of the class folders)"
+                ) from None
             if params.data.image_size is None and len(sizes) > 1:
                 (a, first), (b, other) = list(sizes.items())[:2]
                 raise PipelineError(
@@ -110,11 +152,24 @@ def check_images(params: Params, splits: DatasetSplits) -> None:
                 raise PipelineError(f"data.root: {path} cannot be decoded ({exc})") from None
 
 
+def _model(params: Params, splits: DatasetSplits) -> torch.nn.Module:
+    """The model as the baseline stage will make it: built, with ``model.checkpoint``'s weights
+    when one is named (read safely, checked for NaN and for the architecture's keys)."""
+    model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
+    if params.model.checkpoint is not None:
+        where = params.model.checkpoint
+        state = read_checkpoint(where, "model.checkpoint")
+        load_weights(model, normalize_state_dict(state, where), where, params.model.arch)
+    return model
+
+
 def check_model_runs(params: Params, splits: DatasetSplits) -> None:
-    """The model builds for the data's channels and classes and runs on one of its images."""
+    """The model builds for the data's channels and classes, takes its checkpoint, runs on one
+    of the data's images to finite logits, and every allocate.limits / exclude pattern matches
+    one of its prunable layers within [0, 1]."""
     x, _ = splits.test[0]
     try:
-        model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
+        model = _model(params, splits)
         with torch.no_grad():
             out = model.eval()(x.unsqueeze(0))
     except PipelineError:
@@ -141,6 +196,12 @@ def check_model_runs(params: Params, splits: DatasetSplits) -> None:
             f"model.arch = {params.model.arch!r} gives {shape} for one image; allowed: a "
             f"model whose output is (N, {splits.num_classes}) logits"
         )
+    if not out.isfinite().all():
+        raise PipelineError(
+            f"model.arch = {params.model.arch!r} gives NaN or inf logits for the first test "
+            "image; allowed: a model (and checkpoint) with finite outputs"
+        )
+    layer_bounds(list(prunable_numel(model)), params.allocate.limits, params.allocate.exclude)
 
 
 def check_counts(params: Params, splits: DatasetSplits) -> None:

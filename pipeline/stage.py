@@ -405,6 +405,10 @@ STAGES = (
 )
 
 
+# logged beside the headline metrics when the prune stage measured them
+EXTRA_PRUNE_METRICS = ("measured_distortion_max", "sparsity_all_weight_matrices")
+
+
 def result_record(params: Params, paths: io.Paths) -> RunRecord:
     """What the MLflow run of a pipeline result holds: every param, the headline metrics (the
     ratio too, so the UI charts accuracy against it), the fine-tuning curve as steps, the
@@ -430,10 +434,12 @@ def result_record(params: Params, paths: io.Paths) -> RunRecord:
             "flops_reduction": prune["flops_reduction"],
             "predicted_distortion": allocate["predicted_distortion"],
             "measured_distortion": prune["measured_distortion"],
-            **{  # the recovery's effect: before the repair or the BN recalibration
+            **{  # the recovery's effect (before the repair or the BN recalibration), the
+                # worst-case distortion and the sparsity of every weight matrix when some
+                # are not prunable: whatever else the prune stage measured
                 f"prune_{k}" if k.startswith("accuracy") else k: v
                 for k, v in prune.items()
-                if "_before_" in k
+                if "_before_" in k or k in EXTRA_PRUNE_METRICS
             },
             **timings,
         },

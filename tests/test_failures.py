@@ -52,6 +52,10 @@ def copy(project: Path, dest: Path, **overrides) -> io.Paths:
             r"allocate.refine_holdout = 1.5 .*\(0, 1\)",
         ),
         ({"allocate": {"refine_evals": 0}}, r"allocate.refine_evals = 0"),
+        ({"data": {"mean": [0.0], "std": [float("nan")]}}, r"data.std = \[nan\] .*finite"),
+        ({"data": {"mean": [float("inf")], "std": [1.0]}}, r"data.mean = \[inf\] .*finite"),
+        ({"profile": {"levels": 10**9}}, r"profile.levels = 1000000000 .*\[2, 10001\]"),
+        ({"calibrate": {"source": "synthetic", "samples": 10**9}}, r"calibrate.samples = "),
     ],
 )
 def test_values_checked_before_any_work(mapping, message):
@@ -66,10 +70,34 @@ def test_floats_are_read_as_dvc_reads_them(tmp_path):
     assert params.finetune.lr == 0.01 and params.prune.ratio == 0.5
 
 
-def test_a_user_module_that_raises_on_import_is_one_line(tmp_path, monkeypatch):
-    (tmp_path / "brokenmodel.py").write_text("raise RuntimeError('no GPU driver here')\n")
+def test_yaml_is_read_as_dvc_reads_it(tmp_path):
+    """YAML 1.2, as DVC: 017 is 17 (not octal 15), `yes` and `4:16` are strings (not true and
+    256), a key given twice is an error; a file that is not UTF-8 is one line."""
+    path = tmp_path / "params.yaml"
+    path.write_text("seed: 017\nprune:\n  ratio: 0.5\n")
+    assert io.read_params(path).seed == 17
+    for text, message in [
+        ("profile:\n  reconstruct: yes\n", r"profile.reconstruct = 'yes'"),
+        ("calibrate:\n  samples: 4:16\n", r"calibrate.samples = '4:16'"),
+        ("prune:\n  ratio: 0.8\n  ratio: 0.5\n", r"key 'ratio' given twice \(line 3\)"),
+    ]:
+        path.write_text(text)
+        with pytest.raises(PipelineError, match=message):
+            io.read_params(path)
+    path.write_bytes(b"\xff\xfe garbage")
+    with pytest.raises(PipelineError, match="is not UTF-8 text"):
+        io.read_params(path)
+
+
+@pytest.mark.parametrize(
+    ("code", "shown"),
+    [("raise RuntimeError('no GPU driver here')", "RuntimeError: no GPU driver"),
+     ("import sys; sys.exit(3)", "SystemExit: 3")],
+)  # fmt: skip
+def test_a_user_module_that_raises_on_import_is_one_line(tmp_path, monkeypatch, code, shown):
+    (tmp_path / "brokenmodel.py").write_text(code + "\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    with pytest.raises(PipelineError, match=r"brokenmodel:make.*RuntimeError: no GPU driver"):
+    with pytest.raises(PipelineError, match=rf"brokenmodel:make.*{shown}"):
         load_params({"model": {"arch": "brokenmodel:make"}})
 
 
@@ -129,6 +157,54 @@ def test_an_image_of_another_size_is_found_by_validate(project, tmp_path, capsys
     assert validate.main(["--root", str(paths.root)]) == 0
 
 
+def _claim_size(png: Path, width: int, height: int) -> None:
+    """Rewrite a PNG's header to claim another size (its CRC fixed), as a decompression bomb
+    does: nothing is allocated until the image is decoded."""
+    import struct
+    import zlib
+
+    data = bytearray(png.read_bytes())
+    data[16:24] = struct.pack(">II", width, height)
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(data[12:29])))
+    png.write_bytes(bytes(data))
+
+
+def test_a_decompression_bomb_first_in_the_folder_is_one_line(project, tmp_path, capsys):
+    paths = _image_project(project, tmp_path, image_size=8)
+    _claim_size(tmp_path / "images" / "train" / "class0" / "0.png", 30_000, 30_000)
+    line = one_error_line(validate, paths.root, capsys)
+    assert "data.root" in line and "is not a readable image folder" in line
+
+
+def test_an_image_folder_is_read_as_it_is_or_said_so(project, tmp_path, capsys, caplog):
+    """A symlink to a folder above would feed images twice (an error); a file that is not an
+    image is skipped with a warning naming it."""
+    paths = _image_project(project, tmp_path)
+    note = tmp_path / "images" / "train" / "class1" / "readme.txt"
+    note.write_text("not an image")
+    with caplog.at_level(logging.WARNING):
+        assert validate.main(["--root", str(paths.root)]) == 0
+    assert "not images" in caplog.text and str(note) in caplog.text
+    (tmp_path / "images" / "train" / "class0" / "loop").symlink_to("..")
+    line = one_error_line(validate, paths.root, capsys)
+    assert "(through a symlink)" in line
+
+
+@pytest.mark.parametrize(
+    ("limits", "exclude", "message"),
+    [
+        ({"conv1": [0.9, 0.1]}, [], r"allocate.limits\['conv1'\] = \[0.9, 0.1\]"),
+        ({"nosuch*": [0.0, 0.5]}, [], r"allocate.limits\['nosuch\*'\] matches no layer"),
+        ({}, ["fc9"], r"allocate.exclude 'fc9' matches no layer"),
+    ],
+)
+def test_layer_limits_are_checked_by_validate(project, tmp_path, capsys, limits, exclude, message):
+    import re
+
+    paths = copy(project, tmp_path / "p", allocate={"limits": limits, "exclude": exclude})
+    assert re.search(message, one_error_line(validate, paths.root, capsys))
+
+
 def test_a_model_for_other_channels_is_found_by_validate(project, tmp_path, capsys):
     paths = copy(project, tmp_path / "p", model={"arch": "torchvision:resnet18"})
     line = one_error_line(validate, paths.root, capsys)
@@ -156,8 +232,9 @@ def test_checkpoint_nan_is_an_error_and_half_precision_a_warning(project, tmp_pa
     torch.save(state, nan)
     write_params(paths.root, model={"checkpoint": str(nan)})
     before = paths.baseline.read_bytes()
-    line = one_error_line(baseline, paths.root, capsys)
-    assert f"checkpoint {nan} holds NaN or inf in conv1.weight" in line
+    for stage in (validate, baseline):  # validate first: DVC deletes baseline's outputs
+        line = one_error_line(stage, paths.root, capsys)
+        assert f"checkpoint {nan} holds NaN or inf in conv1.weight" in line
     assert paths.baseline.read_bytes() == before
 
 
@@ -281,6 +358,7 @@ def test_an_attention_model_through_the_stages(tmp_path, monkeypatch, caplog):
         root,
         model={"arch": "attnmodel:make"},
         baseline={"epochs": 1},
+        finetune={"epochs": 1},
         allocate={"budget": "flops", "pareto_ratios": [0.5]},
         prune={"ratio": 0.6},
     )
@@ -293,6 +371,13 @@ def test_an_attention_model_through_the_stages(tmp_path, monkeypatch, caplog):
     assert macs == [8, 8, 1]  # embed and out_proj once per token, the head once
     metrics = io.read_metrics(paths.metrics("prune"))
     assert 0 < metrics["sparsity_all_weight_matrices"] < metrics["sparsity"]
+    from pipeline.stage import result_record
+    from stages import finetune
+
+    assert finetune.main(["--root", str(root)]) == 0
+    logged = result_record(io.read_params(paths.params), paths).metrics  # what MLflow gets
+    for key in ("sparsity", "sparsity_all_weight_matrices", "measured_distortion_max"):
+        assert logged[key] == pytest.approx(metrics[key]), key
     source = tmp_path / "attnmodel.py"  # outside the project: named by its absolute path
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
     assert io.read_metrics(paths.model_code) == {str(source): digest}
