@@ -16,6 +16,8 @@ test images, and each stage's mean wall time. ``--half A|B`` draws the images fr
 random half of the training split only.
 
 Run: python benchmarks/bench_quality.py --seeds 0 1 2   (about 1 hour per seed on 2 cores)
+     python benchmarks/bench_quality.py --seeds 1 --ratios 0.7 0.8 0.9 --results DIR
+         (about 35 minutes; a later run naming DIR and the same settings reads seed 1 back)
 """
 
 from __future__ import annotations
