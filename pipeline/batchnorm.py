@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from pipeline.device import model_device
-from pipeline.patches import Moments, StopForward
+from pipeline.patches import Moments, StopForward, calls_per_forward
 
 BN_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -142,7 +142,7 @@ def recalibrate_bn(
     bns = batchnorms(model)
     if not bns:
         return 0
-    order = _execution_order(model, bns, inputs[:1])
+    _, order = calls_per_forward(model, bns, inputs[:1])  # BNs never called: left out
     dense_bns = batchnorms(dense)
     dense_moments = input_moments(dense, [dense_bns[i] for i in order], inputs, batch_size)
     for i, before in zip(order, dense_moments, strict=True):
@@ -151,21 +151,3 @@ def recalibrate_bn(
         set_running_stats(bns[i], rule(dense_bns[i], before, pruned))
     model.eval()
     return len(bns)
-
-
-@torch.no_grad()
-def _execution_order(model: nn.Module, bns: list[nn.Module], probe: torch.Tensor) -> list[int]:
-    """Indices of ``bns`` in the order a forward pass of ``probe`` (1, ...) first runs them;
-    BatchNorms the forward pass never calls are left out (nothing to estimate them from)."""
-    order: list[int] = []
-    handles = [
-        bn.register_forward_pre_hook(lambda module, args, i=i: order.append(i))
-        for i, bn in enumerate(bns)
-    ]
-    model.eval()
-    try:
-        model(probe.to(model_device(model)))
-    finally:
-        for h in handles:
-            h.remove()
-    return list(dict.fromkeys(order))

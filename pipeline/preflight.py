@@ -23,15 +23,9 @@ from pipeline.allocation import layer_bounds
 from pipeline.config import Params
 from pipeline.data import DatasetSplits, load_dataset
 from pipeline.errors import PipelineError
-from pipeline.io import read_checkpoint
 from pipeline.layers import prunable_numel, unpruned_matrices
-from pipeline.models import (
-    MODEL_SOURCES,
-    MODELS,
-    build_model,
-    load_weights,
-    normalize_state_dict,
-)
+from pipeline.models import MODEL_SOURCES, MODELS, build_model
+from pipeline.stage import adopt_checkpoint
 
 log = logging.getLogger("rdprune")
 
@@ -152,24 +146,14 @@ def check_images(params: Params, splits: DatasetSplits) -> None:
                 raise PipelineError(f"data.root: {path} cannot be decoded ({exc})") from None
 
 
-def _model(params: Params, splits: DatasetSplits) -> torch.nn.Module:
-    """The model as the baseline stage will make it: built, with ``model.checkpoint``'s weights
-    when one is named (read safely, checked for NaN and for the architecture's keys)."""
-    model = build_model(params.model.arch, splits.in_channels, splits.num_classes)
-    if params.model.checkpoint is not None:
-        where = params.model.checkpoint
-        state = read_checkpoint(where, "model.checkpoint")
-        load_weights(model, normalize_state_dict(state, where), where, params.model.arch)
-    return model
-
-
 def check_model_runs(params: Params, splits: DatasetSplits) -> None:
     """The model builds for the data's channels and classes, takes its checkpoint, runs on one
     of the data's images to finite logits, and every allocate.limits / exclude pattern matches
     one of its prunable layers within [0, 1]."""
     x, _ = splits.test[0]
     try:
-        model = _model(params, splits)
+        built = build_model(params.model.arch, splits.in_channels, splits.num_classes)
+        model = adopt_checkpoint(built, params)  # as the baseline stage will
         with torch.no_grad():
             out = model.eval()(x.unsqueeze(0))
     except PipelineError:

@@ -177,6 +177,16 @@ def stage_device(params: Params) -> torch.device:
     return device
 
 
+def adopt_checkpoint(model: nn.Module, params: Params) -> nn.Module:
+    """``model`` with ``model.checkpoint``'s weights (read safely, keys normalised, checked for
+    the architecture and for NaN), or as it is when none is named."""
+    where = params.model.checkpoint
+    if where is not None:
+        state = normalize_state_dict(io.read_checkpoint(where, "model.checkpoint"), where)
+        load_weights(model, state, where, params.model.arch)
+    return model
+
+
 def load_model(
     params: Params, path: Path, in_channels: int, num_classes: int, what: str
 ) -> nn.Module:

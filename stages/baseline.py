@@ -11,8 +11,8 @@ from pipeline import io
 from pipeline.config import Params
 from pipeline.data import load_dataset
 from pipeline.evaluation import accuracy
-from pipeline.models import build_model, load_weights, normalize_state_dict
-from pipeline.stage import log, log_epoch, run_stage, stage_device
+from pipeline.models import build_model
+from pipeline.stage import adopt_checkpoint, log, log_epoch, run_stage, stage_device
 from pipeline.training import train
 
 
@@ -34,11 +34,7 @@ def run(params: Params, paths: io.Paths) -> None:
         )
         epochs = len(history)
     else:
-        state = normalize_state_dict(
-            io.read_checkpoint(params.model.checkpoint, "model.checkpoint"),
-            params.model.checkpoint,
-        )
-        load_weights(model, state, params.model.checkpoint, params.model.arch)
+        adopt_checkpoint(model, params)
     test_accuracy = accuracy(model, splits.test)
     io.write_state_dict(paths.baseline, model.state_dict())
     io.write_metrics(paths.metrics("baseline"), {"accuracy": test_accuracy, "epochs": epochs})
