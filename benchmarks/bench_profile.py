@@ -22,7 +22,13 @@ fast engine executes and the fast engine's achieved FLOP/s (torch's FlopCounterM
 8-image run, scaled by the number of images; convolutions and matrix products, 2 FLOPs per
 multiply-accumulate), and the largest relative difference between the two tables.
 
+``--stage params.yaml`` instead times the profile stage's own code path (``stage.profile_curves``:
+the Ray backend and work units, BN correction, repair and precision the params set) on the
+artifacts a ``dvc repro -s calibrate`` left there, naive then fast in one process; ``--set
+profile.precision=bf16`` overrides a param (``--set ray.backend=serial`` where Ray is absent).
+
 Run:
+  python benchmarks/bench_profile.py --stage params.yaml                       # the stage path
   python benchmarks/bench_profile.py --models resnet20 --bn-correction        # CPU
   python benchmarks/bench_profile.py --models resnet20 --bn-correction --reconstruct 0.01
   python benchmarks/bench_profile.py --device cuda --models resnet20,resnet56,resnet50,paper \
@@ -111,9 +117,53 @@ def run_engine(model, inputs, reference, grid, engine, args, layers=None):
             memory_mb=args.memory_mb,
             bn_correction="relative" if args.bn_correction else None,
             repair=args.reconstruct,
+            precision=args.precision,
         )
         for name in layers or prunable_numel(model)
     ]
+
+
+def stage_path(args) -> None:
+    """Time exactly what ``dvc repro -f -s profile`` runs, engine by engine, in one process:
+    ``stage.profile_curves`` on the params file's settings (Ray backend and work units, BN
+    correction, repair, precision), on the baseline and calibration artifacts a previous
+    ``dvc repro`` left in the project. Not timed: starting Python, reading the artifacts,
+    writing the table and its figure."""
+    import dataclasses
+
+    import yaml
+
+    from pipeline import io
+    from pipeline.config import load_params
+    from pipeline.stage import load_model, profile_curves
+
+    root = args.stage.resolve().parent
+    paths = io.Paths(root)
+    mapping = io.read_params_mapping(args.stage)
+    for item in args.set:  # --set section.key=value (a YAML value)
+        key, _, value = item.partition("=")
+        section, _, name = key.partition(".")
+        mapping.setdefault(section, {})[name] = yaml.safe_load(value)
+    params = load_params(mapping)
+    inputs, _, reference = io.read_calibration(paths.calibration)
+    model = load_model(params, paths.baseline, inputs.shape[1], reference.shape[1], "baseline")
+    p = params.profile
+    print(
+        f"stage path: {root}; {len(inputs)} images x {p.levels} levels, {p.engine} -> "
+        f"{args.engines}; batch {p.batch_size}, {p.memory_mb} MB, BN correction "
+        f"{params.curve_bn_rule}, repair {params.curve_repair}, precision {p.precision}; "
+        f"ray backend {params.ray.backend}, work_units {params.ray.work_units}",
+        flush=True,
+    )
+    seconds = {}
+    for engine in args.engines.split(","):
+        run = dataclasses.replace(params, profile=dataclasses.replace(p, engine=engine))
+        start = time.perf_counter()
+        profile_curves(run, model, inputs, reference)
+        seconds[engine] = time.perf_counter() - start
+        print(f"  {engine:<6} {seconds[engine]:8.1f} s", flush=True)
+    if {"naive", "fast"} <= seconds.keys():
+        print(f"  speed-up (naive / fast): {seconds['naive'] / seconds['fast']:.2f}x")
 
 
 def timed(model, inputs, reference, grid, engine, args, device):
@@ -251,7 +301,21 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="smaller sets, for a smoke run")
     parser.add_argument("--calib", type=Path, help="ResNet-20 weights + images from --save-calib")
     parser.add_argument("--save-calib", type=Path, help="write ResNet-20 weights + 256 images")
+    parser.add_argument("--precision", default="fp32", help="profile.precision (in process)")
+    parser.add_argument(
+        "--stage",
+        type=Path,
+        metavar="PARAMS",
+        help="time the profile stage's own code path on this params.yaml's project instead",
+    )
+    parser.add_argument("--engines", default="naive,fast", help="--stage: engines, in order")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="--stage: a param"
+    )
     args = parser.parse_args()
+    if args.stage:
+        stage_path(args)
+        return
     if args.save_calib:
         model, inputs = load_resnet20(256, None)
         torch.save({"state_dict": model.state_dict(), "inputs": inputs}, args.save_calib)

@@ -129,11 +129,14 @@ class ProfileParams:
     memory_mb: int = 64  # bound on one batched multi-level pass of the fast engine (GPU: raise)
     bn_correction: bool = True  # per level, set the consuming BatchNorm by the prune stage's rule
     reconstruct: bool = True  # per level, repair the layer as prune.reconstruct will (its damping)
+    precision: str = "fp32"  # fp32 (exact) | tf32 (CUDA) | bf16: what the per-level passes run in
 
     def validate(self) -> None:
+        from pipeline.device import PRECISIONS
         from pipeline.distortion import ENGINES
 
         _check_choice("profile.engine", self.engine, ENGINES)
+        _check_choice("profile.precision", self.precision, PRECISIONS)
         _check_positive("profile.memory_mb", self.memory_mb)
         if not 2 <= self.levels <= MAX_LEVELS:
             raise _fail(

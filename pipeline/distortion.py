@@ -17,7 +17,13 @@ import torch
 from torch import nn
 
 from pipeline.batchnorm import BN_RULES, ChannelMoments, input_moments, set_running_stats
-from pipeline.device import model_device, resolve_device
+from pipeline.device import (
+    CHECK_TOLERANCE,
+    keep_freed_memory,
+    model_device,
+    precision,
+    resolve_device,
+)
 from pipeline.errors import PipelineError
 from pipeline.evaluation import per_sample_distortion, predict_logits, torch_threads
 from pipeline.masking import pruned_count
@@ -38,6 +44,12 @@ from pipeline.repair import (
 from pipeline.suffix import NotTraceable, SuffixRunner, consumer_batchnorm
 
 log = logging.getLogger(__name__)
+
+# On a CPU the fast engine's batched passes stay about this size (bytes, the estimate of
+# ``SuffixRunner.bytes_per_sample``): measured on 2 cores (ResNet-20, 32-image batches), one
+# level per 6 MB pass ran 1.3x faster than ten per 64 MB pass, as the activations stay in the
+# caches; profile.memory_mb stays the upper bound.
+CPU_PASS_BYTES = 4 << 20
 
 
 def sparsity_grid(levels: int) -> np.ndarray:
@@ -189,6 +201,7 @@ def profile_naive(
     bn_correction: str | None = None,
     of_remaining: bool = False,
     repair: float | None = None,
+    precision_name: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """The paper's algorithm: one full forward pass of the calibration set per level. With
     ``bn_correction`` or ``repair``, the moments of the layer's input are measured first (one
@@ -247,7 +260,9 @@ def profile_naive(
                 else:
                     pruned = input_moments(model, [bn], inputs, batch_size)[0]
                 set_running_stats(bn, BN_RULES[bn_correction](bn, dense, pruned))
-            d = per_sample_distortion(predict_logits(model, inputs, batch_size), reference)
+            with precision(precision_name, device):
+                logits = predict_logits(model, inputs, batch_size)
+            d = per_sample_distortion(logits, reference)
             means[j], maxes[j] = float(d.mean()), float(d.max())
     finally:
         _set_params(module, saved_params)
@@ -268,6 +283,7 @@ def profile_fast(
     bn_correction: str | None = None,
     of_remaining: bool = False,
     repair: float | None = None,
+    precision_name: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Suffix-only recomputation (see suffix.py), several levels per batched pass, on the
     model's device.
@@ -278,9 +294,25 @@ def profile_fast(
     (``_profile_suffix``).
     """
     args = (layer, model, inputs, reference, sparsities, batch_size, memory_mb)
-    options = {"bn_correction": bn_correction, "of_remaining": of_remaining, "repair": repair}
+    options = {
+        "bn_correction": bn_correction,
+        "of_remaining": of_remaining,
+        "repair": repair,
+        "precision_name": precision_name,
+    }
     try:
-        return _profile_suffix(SuffixRunner(model, layer), *args[2:], **options)
+        try:
+            return _profile_suffix(SuffixRunner(model, layer), *args[2:], **options)
+        except (_SuffixMismatch, RuntimeError) as exc:
+            if isinstance(exc, torch.OutOfMemoryError):
+                raise
+            # model code the channels-last copy breaks (a .view of a conv output, say)
+            log.warning(
+                "profile layer %s: optimized execution failed (%s); running the model as written",
+                layer,
+                str(exc).splitlines()[0] if str(exc) else type(exc).__name__,
+            )
+        return _profile_suffix(SuffixRunner(model, layer, optimize=False), *args[2:], **options)
     except torch.OutOfMemoryError as exc:  # a RuntimeError, but no reason for the slow engine
         raise PipelineError(
             f"profile layer {layer}: out of GPU memory with one level per pass or outside the "
@@ -302,19 +334,44 @@ def _level_chunks(todo: list[int], group: int) -> list[list[int]]:
     return [todo[i : i + group] for i in range(0, len(todo), group)] or [[]]
 
 
+class _Upstream:
+    """The frontier (``SuffixRunner.upstream``) of each calibration batch, kept while the kept
+    ones fit in ``budget`` bytes: the moment pass and every block of suffix passes then share
+    one run of the layers upstream of the pruned one."""
+
+    def __init__(
+        self, runner: SuffixRunner, inputs: torch.Tensor, batch_size: int, budget: int
+    ) -> None:
+        self.runner, self.inputs, self.batch_size, self.room = runner, inputs, batch_size, budget
+        self.kept: dict[int, dict] = {}
+
+    def starts(self) -> range:
+        return range(0, len(self.inputs), self.batch_size)
+
+    def __call__(self, start: int) -> dict:
+        """The frontier of the batch starting at sample ``start``."""
+        if start in self.kept:
+            return self.kept[start]
+        frontier = self.runner.upstream(self.inputs[start : start + self.batch_size])
+        size = sum(v.numel() * v.element_size() for v in frontier.values() if torch.is_tensor(v))
+        if size <= self.room:
+            self.kept[start], self.room = frontier, self.room - size
+        return frontier
+
+
 def _input_moments(
-    runner: SuffixRunner, inputs: torch.Tensor, batch_size: int, budget: int, for_bn: bool
+    runner: SuffixRunner, upstream: _Upstream, budget: int, for_bn: bool
 ) -> PatchMoments | None:
     """Moments of the layer's input patches over the calibration set (one upstream pass), or
     None where ``PatchMoments`` does not cover the layer (``for_bn``: as a BatchNorm's
     channels)."""
     if len(runner.sites) != 1:  # every call of the layer: passes of the whole model
         return layer_patch_moments(
-            runner.gm, runner.module, inputs, batch_size, budget, for_bn=for_bn
+            runner.gm, runner.module, upstream.inputs, upstream.batch_size, budget, for_bn=for_bn
         )
     patches = None
-    for start in range(0, len(inputs), batch_size):
-        inp = runner.layer_input(runner.upstream(inputs[start : start + batch_size]))
+    for start in upstream.starts():
+        inp = runner.layer_input(upstream(start))
         if patches is None:
             patches = PatchMoments.of(runner.module, inp, budget, for_bn=for_bn)
             if patches is None:
@@ -325,11 +382,10 @@ def _input_moments(
 
 def _bn_stats(
     runner: SuffixRunner,
-    inputs: torch.Tensor,
+    upstream: _Upstream,
     todo: list[int],
     levels: _LevelWeights,
     patches: PatchMoments | None,
-    batch_size: int,
     budget: int,
     rule: str,
 ) -> dict[int, Moments]:
@@ -343,8 +399,8 @@ def _bn_stats(
         return {j: BN_RULES[rule](bn, dense, m) for j, m in zip(todo, per_level, strict=True)}
     moments = {j: ChannelMoments() for j in [-1, *todo]}  # -1: the layer's current weight
     group = max(1, budget // levels.bytes)
-    for start in range(0, len(inputs), batch_size):
-        frontier = runner.upstream(inputs[start : start + batch_size])
+    for start in upstream.starts():
+        frontier = upstream(start)
         for chunk in _level_chunks([-1, *todo], group):
             outputs = runner.layer_outputs(
                 frontier, [levels(j) if j >= 0 else weight for j in chunk]
@@ -365,6 +421,7 @@ def _profile_suffix(
     bn_correction: str | None,
     of_remaining: bool = False,
     repair: float | None = None,
+    precision_name: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     weight = runner.module.weight.detach()
     inputs, reference = inputs.to(weight.device), reference.to(weight.device)
@@ -374,9 +431,11 @@ def _profile_suffix(
     todo = [j for j, k in enumerate(counts) if k > zeros]
     sums, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     budget = memory_mb << 20
+    # half the budget keeps frontiers, half bounds the passes
+    upstream = _Upstream(runner, inputs, batch_size, budget // 2)
     correct = bn_correction is not None and runner.bn_node is not None and bool(todo)
     patches = (
-        _input_moments(runner, inputs, batch_size, budget, for_bn=repair is None)
+        _input_moments(runner, upstream, budget, for_bn=repair is None)
         if (correct or repair is not None) and todo
         else None
     )
@@ -395,22 +454,22 @@ def _profile_suffix(
     blocks = _level_chunks(todo, weight_group) if repair is not None else [todo]
     for b, block in enumerate(blocks):
         stats = (
-            _bn_stats(runner, inputs, block, levels, patches, batch_size, budget, bn_correction)
+            _bn_stats(runner, upstream, block, levels, patches, budget, bn_correction)
             if correct and block
             else {}
         )
         _suffix_passes(
             runner,
-            inputs,
+            upstream,
             reference,
             block,
             levels,
             stats,
-            batch_size,
             budget,
             b == 0,
             sums,
             maxes,
+            precision_name,
         )
         levels.cache.clear()
     return sums / len(inputs), maxes
@@ -418,35 +477,43 @@ def _profile_suffix(
 
 def _suffix_passes(
     runner: SuffixRunner,
-    inputs: torch.Tensor,
+    upstream: _Upstream,
     reference: torch.Tensor,
     todo: list[int],
     levels: _LevelWeights,
     stats: dict[int, Moments],
-    batch_size: int,
     budget: int,
     check: bool,
     sums: np.ndarray,
     maxes: np.ndarray,
+    precision_name: str = "fp32",
 ) -> None:
     """Add the per-sample distortions of levels ``todo`` over the calibration set into
     ``sums`` and ``maxes`` (K,). ``check``: the first pass also runs the layer's own weight,
-    which must reproduce the model's output."""
+    which must reproduce the model's output. The passes run in ``precision_name``."""
     weight = runner.module.weight.detach()
     weight_group = max(1, budget // levels.bytes)
     cap = max(1, len(todo))  # levels per pass; halved for good on a GPU out-of-memory error
-    for start in range(0, len(inputs), batch_size):
-        x, ref = inputs[start : start + batch_size], reference[start : start + batch_size]
-        frontier = runner.upstream(x)
+    if weight.device.type == "cpu":
+        budget = min(budget, CPU_PASS_BYTES)
+    for start in upstream.starts():
+        x = upstream.inputs[start : start + upstream.batch_size]
+        ref = reference[start : start + upstream.batch_size]
+        frontier = upstream(start)
         per_level = runner.bytes_per_sample(frontier) * len(x)
-        done, first = 0, check and start == 0
+        # below fp32 every batch also runs the layer's own weight: each level's logits are
+        # taken as its difference from that, added to the float32 model's, so the rounding
+        # the levels share cancels
+        low = precision_name != "fp32"
+        done, first = 0, (check and start == 0) or low
         while done < len(todo) or first:
             group = max(1, min(budget // per_level, weight_group, cap))
             chunk = todo[done : done + group]
             candidates = [levels(j) for j in chunk] + [weight] * first
             bn = [stats[j] for j in chunk] + [None] * first if stats else None
             try:
-                logits = runner.run(frontier, candidates, bn)
+                with precision(precision_name, weight.device):
+                    logits = runner.run(frontier, candidates, bn)
             except torch.OutOfMemoryError:
                 if group == 1:
                     raise
@@ -460,12 +527,16 @@ def _suffix_passes(
                 continue
             logits = logits.view(len(candidates), len(x), -1)
             if first:
-                own, expected = logits[-1], runner.gm(x)  # the model as it is (maybe pruned)
+                own, expected = logits[-1].float(), runner.reference(x)  # the model as given
+                rtol, share = CHECK_TOLERANCE[precision_name]
                 if own.shape != expected.shape or not torch.allclose(
-                    own, expected, rtol=1e-3, atol=1e-4 * float(expected.abs().max())
+                    own, expected, rtol=rtol, atol=share * float(expected.abs().max())
                 ):
                     raise _SuffixMismatch("the suffix pass does not reproduce the model's logits")
                 logits, first = logits[:-1], False
+                shift = (expected - own) if low else None
+            if low:
+                logits = logits.float() + shift
             if chunk:
                 d = per_sample_distortion(logits, ref).cpu().numpy()  # (levels, samples)
                 sums[chunk] += d.sum(axis=1)
@@ -492,6 +563,7 @@ def profile_layer(
     device: str | None = None,
     of_remaining: bool = False,
     repair: float | None = None,
+    precision: str = "fp32",
 ) -> tuple[np.ndarray, np.ndarray]:
     """Distortion curve of one layer: (mean, max), each (K,) float64 over ``sparsities``.
 
@@ -507,12 +579,18 @@ def profile_layer(
     before measuring, as the prune stage's ``prune.reconstruct`` will (alone in the network,
     the layer's input is the dense one, so both objectives give the same weights). Inputs may
     be on any device; the curves are CPU arrays. The model's weights are left unchanged, so it
-    may be shared.
+    may be shared. ``precision``: what the per-level passes run in (``device.PRECISIONS``);
+    the distortion sums are float64 whatever it is.
     """
+    keep_freed_memory()
     if device is not None:
         model = model.to(resolve_device(device))
     args = (layer, model, inputs, reference, sparsities, batch_size, memory_mb)
     with torch_threads(threads):
         return ENGINES[engine](
-            *args, bn_correction=bn_correction, of_remaining=of_remaining, repair=repair
+            *args,
+            bn_correction=bn_correction,
+            of_remaining=of_remaining,
+            repair=repair,
+            precision_name=precision,
         )

@@ -237,6 +237,7 @@ def profile_curves(
         "bn_correction": bn_mode,
         "of_remaining": of_remaining,
         "repair": params.curve_repair,
+        "precision": params.profile.precision,
     }
     run = run_tasks(
         profile_unit, units, shared=shared, params=params.ray, desc="profile", device_arg="device"

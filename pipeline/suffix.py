@@ -14,6 +14,7 @@ Pure: no I/O, no Ray.
 
 from __future__ import annotations
 
+import copy
 import math
 from typing import Any
 
@@ -21,8 +22,8 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
-from pipeline.batchnorm import BN_TYPES
-from pipeline.patches import Candidate, candidate_params
+from pipeline.batchnorm import BN_TYPES, Moments
+from pipeline.patches import CONV_TYPES, Candidate, candidate_params
 
 
 class NotTraceable(Exception):
@@ -37,11 +38,17 @@ class SuffixRunner:
     """Evaluate the network with one prunable layer's weight replaced, recomputing only the
     operations downstream of that layer."""
 
-    def __init__(self, model: nn.Module, layer: str) -> None:
+    def __init__(self, model: nn.Module, layer: str, optimize: bool = True) -> None:
+        """``optimize``: run a copy of the model with every other BatchNorm folded into the
+        convolution it follows and 2-D convolutions in channels-last layout (``optimized``);
+        the layer's own BatchNorm is folded into each level's weight in ``run``. Same values
+        up to float rounding, about twice the CPU throughput of the model as written."""
         try:
-            self.gm = fx.symbolic_trace(model)
+            traced = fx.symbolic_trace(model)
         except Exception as exc:  # fx raises many types for untraceable Python
             raise NotTraceable(f"torch.fx cannot trace {type(model).__name__}: {exc}") from exc
+        self.reference = traced  # the model as given (its parameters): what checks compare to
+        self.gm = optimized(traced, layer) if optimize else traced
         self.layer = layer
         self.module = self.gm.get_submodule(layer)
         nodes = list(self.gm.graph.nodes)
@@ -67,6 +74,15 @@ class SuffixRunner:
             and users[0].op == "call_module"
             and isinstance(self.gm.get_submodule(users[0].target), BN_TYPES)
             else None
+        )
+        bn = self.gm.get_submodule(self.bn_node.target) if self.bn_node is not None else None
+        # the layer's BatchNorm folded into each level's weight: one op fewer per level
+        self.fold_consumer = (
+            optimize
+            and bn is not None
+            and foldable(self.module, bn)
+            and len(self.bn_node.args) == 1
+            and not self.bn_node.kwargs
         )
         self.last_use = {}
         for i, node in enumerate(self.order):
@@ -128,6 +144,19 @@ class SuffixRunner:
         inp = self.layer_input(frontier)
         return [functional_call(self.module, candidate_params(w), (inp,)) for w in weights]
 
+    def _apply(self, candidate: Candidate, x: torch.Tensor, stats: Moments | None) -> torch.Tensor:
+        """The layer with ``candidate``'s parameters on x; with ``fold_consumer``, its
+        BatchNorm too, by ``stats`` (mean, var) or its running statistics, folded into the
+        weight and bias."""
+        if not self.fold_consumer:
+            return functional_call(self.module, candidate_params(candidate), (x,))
+        given = candidate_params(candidate)
+        weight, bias = given["weight"], given.get("bias", self.module.bias)
+        bn = self.gm.get_submodule(self.bn_node.target)
+        mean, var = stats if stats is not None else (bn.running_mean, bn.running_var)
+        weight, bias = fold(weight, bias, bn, mean, var)
+        return self.module._conv_forward(x, weight, bias)
+
     def _batch_norm(self, node: fx.Node, x: torch.Tensor, stats: list, groups: int) -> torch.Tensor:
         bn = self.gm.get_submodule(node.target)
         out = []
@@ -161,19 +190,19 @@ class SuffixRunner:
                 and value.dim() > 0
                 and value.shape[0] == n
             )
-            env[node] = value.repeat(groups, *([1] * (value.dim() - 1))) if tiled else value
+            env[node] = torch.cat([value] * groups) if tiled else value  # keeps the layout
         for i, node in enumerate(self.order):
             if node.op == "output":
                 break
             if node in self.sites:
                 (inp,) = _map(node.args, env.__getitem__)
                 chunks = inp.chunk(groups) if inp.shape[0] == groups * n else [inp] * groups
+                stats = bn_stats if bn_stats is not None else [None] * groups
                 env[node] = torch.cat(
-                    [
-                        functional_call(self.module, candidate_params(w), (c,))
-                        for w, c in zip(weights, chunks, strict=True)
-                    ]
+                    [self._apply(w, c, st) for w, c, st in zip(weights, chunks, stats, strict=True)]
                 )
+            elif node is self.bn_node and self.fold_consumer:
+                env[node] = env[node.args[0]]  # already applied by _apply
             elif node is self.bn_node and bn_stats is not None:
                 env[node] = self._batch_norm(node, env[node.args[0]], bn_stats, groups)
             else:
@@ -227,3 +256,70 @@ def batchnorm_consumers(model: nn.Module) -> dict[str, str]:
         ):
             out[name] = users[0].target
     return out
+
+
+def foldable(conv: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn`` after ``conv`` is a fixed per-channel affine map (eval mode, running
+    statistics) that ``fold`` can merge into the convolution's weight and bias."""
+    return (
+        type(conv) in CONV_TYPES
+        and isinstance(bn, BN_TYPES)
+        and not bn.training
+        and bn.running_mean is not None
+        and bn.num_features == conv.out_channels
+    )
+
+
+def fold(
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    bn: nn.Module,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A convolution's (weight (C_out, ...), bias (C_out,) or None) followed by ``bn`` with
+    statistics (mean, var) (C_out,): the one convolution computing both."""
+    scale = torch.rsqrt(var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -mean * scale if bias is None else (bias - mean) * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return weight * scale.view(-1, *([1] * (weight.dim() - 1))), shift
+
+
+def optimized(traced: fx.GraphModule, layer: str) -> fx.GraphModule:
+    """A copy of ``traced`` that computes the same function faster: each BatchNorm that alone
+    consumes a convolution called once (other than ``layer``) folded into it, and 2-D
+    convolutions' weights in channels-last layout (their outputs follow; oneDNN's fastest
+    layout on a CPU, and tensor cores' on a GPU)."""
+    gm = copy.deepcopy(traced)
+    calls: dict[str, int] = {}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            calls[node.target] = calls.get(node.target, 0) + 1
+    for node in list(gm.graph.nodes):
+        if node.op != "call_module" or len(node.args) != 1 or node.kwargs:
+            continue
+        (src,) = node.args
+        if not isinstance(src, fx.Node) or src.op != "call_module" or src.target == layer:
+            continue
+        conv, bn = gm.get_submodule(src.target), gm.get_submodule(node.target)
+        if not foldable(conv, bn) or len(src.users) != 1 or calls[src.target] > 1:
+            continue
+        if calls[node.target] > 1:
+            continue
+        weight, bias = fold(conv.weight, conv.bias, bn, bn.running_mean, bn.running_var)
+        conv.weight = nn.Parameter(weight, requires_grad=False)
+        conv.bias = nn.Parameter(bias, requires_grad=False)
+        node.replace_all_uses_with(src)
+        gm.graph.erase_node(node)
+    for name, module in gm.named_modules():
+        if isinstance(module, nn.Conv2d) and name != layer:
+            module.weight = nn.Parameter(
+                module.weight.detach().contiguous(memory_format=torch.channels_last),
+                requires_grad=False,
+            )
+    gm.graph.lint()
+    gm.recompile()
+    return gm
