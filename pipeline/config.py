@@ -318,6 +318,23 @@ class TrackParams:
             raise _fail("track.experiment", self.experiment, "a non-empty name")
 
 
+EXPORT_DTYPES = ("float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class ExportParams:
+    """What the `export` stage writes from the final model."""
+
+    dtype: str | None = None  # null: values as trained (exact round trip) | float16 | bfloat16
+    onnx: bool = True  # also model.onnx, checked against PyTorch with onnxruntime
+
+    def validate(self) -> None:
+        if self.dtype is not None:
+            _check_choice("export.dtype", self.dtype, EXPORT_DTYPES)
+        if not isinstance(self.onnx, bool):
+            raise _fail("export.onnx", self.onnx, "true or false")
+
+
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
@@ -332,6 +349,7 @@ class Params:
     finetune: TrainParams = field(default_factory=lambda: TrainParams(epochs=10, lr=0.01))
     schedule: ScheduleParams = field(default_factory=ScheduleParams)
     ray: RayParams = field(default_factory=RayParams)
+    export: ExportParams = field(default_factory=ExportParams)
     track: TrackParams = field(default_factory=TrackParams)
 
     def validate(self) -> None:

@@ -87,6 +87,11 @@ class Paths:
         return self._at("finetuned")
 
     @property
+    def export(self) -> Path:
+        """The export stage's folder: model.safetensors (compact) and model.onnx."""
+        return self._at("export")
+
+    @property
     def rounds(self) -> Path:
         """The schedule's folder: one sub-folder per finished round (``round``)."""
         return self._at("rounds")

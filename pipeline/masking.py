@@ -48,7 +48,9 @@ def apply_masks(model: nn.Module, masks: Mapping[str, torch.Tensor]) -> None:
     """Zero the weights that ``masks`` (layer name -> mask) drop, in place."""
     modules = dict(model.named_modules())
     for name, mask in masks.items():
-        modules[name].weight.mul_(mask.to(modules[name].weight))  # its dtype and device
+        weight = modules[name].weight
+        # +0.0 where dropped (a product would leave -0.0 for negative weights)
+        weight.masked_fill_(~mask.to(device=weight.device, dtype=torch.bool), 0.0)
 
 
 def masks_from_zeros(model: nn.Module) -> dict[str, torch.Tensor]:

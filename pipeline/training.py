@@ -81,7 +81,7 @@ def train(
             optimizer.step()
             with torch.no_grad():
                 for weight, mask in masked:
-                    weight.mul_(mask)
+                    weight.masked_fill_(~mask.bool(), 0.0)  # +0.0, not a product's -0.0
             total += float(loss.detach()) * len(y)
             count += len(y)
         scheduler.step()

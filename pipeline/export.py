@@ -1,0 +1,261 @@
+"""Compact export: a pruned state_dict in a safetensors file where each pruned weight is a
+packed bit mask plus its non-zero values.
+
+A pruned network saved as a dense state_dict takes as much disk as the dense one. Here each
+listed weight W (any floating dtype and shape) becomes two tensors:
+
+- ``<name>.__mask__``: uint8, ceil(numel / 8) bytes: bit i (little-endian within each byte)
+  of the row-major flattening is 1 where W is non-zero;
+- ``<name>.__values__``: those entries in row-major order, in W's dtype or in ``dtype``;
+- ``<name>.__negzero__`` (only where W holds a -0.0): one bit per zero entry, in order, set
+  for -0.0, so that the zeros too come back bit for bit.
+
+Every other tensor is stored as is. The file is a standard safetensors file (8-byte
+little-endian header length, a JSON header, raw little-endian bytes): ``safetensors``
+opens it, and ``load_compact`` here needs only torch and numpy. Reading parses JSON and
+copies bytes, so nothing in the file can run code. The header's ``__metadata__`` holds the
+format name, the original key order and each packed weight's shape and dtype, so that
+``load_compact`` returns a state_dict equal, byte for byte and key for key, to the one
+saved (with ``dtype`` None).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.errors import PipelineError
+from pipeline.evaluation import predict_logits
+from pipeline.io import write_bytes_atomic
+
+FORMAT = "rdprune-compact/1"
+MASK, VALUES, NEGZERO = ".__mask__", ".__values__", ".__negzero__"
+MAX_HEADER = 100 << 20  # bytes: far above any real header, far below a hostile length
+# safetensors dtype names <-> torch dtypes (the ones a state_dict holds)
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+NAMES = {v: k for k, v in DTYPES.items()}
+
+
+def compact_tensors(
+    state_dict: Mapping[str, torch.Tensor],
+    packed: Iterable[str],
+    dtype: torch.dtype | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of the compact form: each key in ``packed`` (a floating tensor)
+    as mask + values (values cast to ``dtype`` if given), the rest as is."""
+    packed = list(packed)
+    for name in packed:
+        if name not in state_dict or not state_dict[name].is_floating_point():
+            raise PipelineError(f"export: {name!r} is not a floating tensor of the state_dict")
+    tensors: dict[str, torch.Tensor] = {}
+    shapes: dict[str, dict] = {}
+    for name, value in state_dict.items():
+        value = value.detach().cpu().contiguous()
+        if name not in packed:
+            tensors[name] = value
+            continue
+        flat = value.reshape(-1)
+        keep = flat != 0
+        tensors[name + MASK] = torch.from_numpy(np.packbits(keep.numpy(), bitorder="little"))
+        values = flat[keep]
+        tensors[name + VALUES] = values.to(dtype) if dtype is not None else values
+        negative = torch.signbit(flat[~keep])
+        if bool(negative.any()):
+            bits = np.packbits(negative.numpy(), bitorder="little")
+            tensors[name + NEGZERO] = torch.from_numpy(bits)
+        shapes[name] = {"shape": list(value.shape), "dtype": NAMES[value.dtype]}
+    metadata = {
+        "format": FORMAT,
+        "order": json.dumps(list(state_dict)),
+        "packed": json.dumps(shapes),
+    }
+    return tensors, metadata
+
+
+def safetensors_bytes(tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str]) -> bytes:
+    """The safetensors serialisation of ``tensors`` (contiguous CPU) with string metadata."""
+    header: dict[str, object] = {"__metadata__": dict(metadata)}
+    chunks, offset = [], 0
+    for name, value in tensors.items():
+        raw = value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        header[name] = {
+            "dtype": NAMES[value.dtype],
+            "shape": list(value.shape),
+            "data_offsets": [offset, offset + len(raw)],
+        }
+        chunks.append(raw)
+        offset += len(raw)
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned
+    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+
+
+def save_compact(
+    path: Path,
+    state_dict: Mapping[str, torch.Tensor],
+    packed: Iterable[str],
+    dtype: torch.dtype | None = None,
+) -> int:
+    """Write the compact file (atomically); returns its size in bytes."""
+    data = safetensors_bytes(*compact_tensors(state_dict, packed, dtype))
+    write_bytes_atomic(Path(path), data)
+    return len(data)
+
+
+def _fail(path: Path, why: str) -> PipelineError:
+    return PipelineError(f"compact model file {path}: {why}; write it with the export stage")
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(tensors, metadata) of a safetensors file, every length and offset checked."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise PipelineError(f"compact model file not found: {path}") from None
+    if len(data) < 8:
+        raise _fail(path, f"{len(data)} bytes, too short for a safetensors header")
+    n = int.from_bytes(data[:8], "little")
+    if n > min(MAX_HEADER, len(data) - 8):
+        raise _fail(path, f"header length {n} runs past the end of the {len(data)}-byte file")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _fail(path, "the header is not JSON") from None
+    if not isinstance(header, dict):
+        raise _fail(path, "the header is not a JSON object")
+    metadata = header.pop("__metadata__", {})
+    body = memoryview(data)[8 + n :]
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = [int(d) for d in entry["shape"]]
+            start, stop = (int(o) for o in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise _fail(path, f"tensor {name!r}: malformed entry (dtype, shape, offsets)") from None
+        size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        if min(shape, default=0) < 0 or not 0 <= start <= stop <= len(body) or stop - start != size:
+            raise _fail(path, f"tensor {name!r}: offsets {start}..{stop} do not hold {shape}")
+        raw = bytearray(body[start:stop])  # a copy: the tensor owns its memory
+        flat = (
+            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
+        )
+        tensors[name] = flat.view(dtype).reshape(shape)
+    return tensors, metadata
+
+
+def load_compact(path: Path) -> dict[str, torch.Tensor]:
+    """The state_dict saved by ``save_compact``, keys in their original order: each packed
+    weight rebuilt from its mask and values (in its original dtype). A truncated or corrupt
+    file is one PipelineError naming it."""
+    tensors, metadata = read_safetensors(path)
+    if metadata.get("format") != FORMAT:
+        raise _fail(path, f"format {metadata.get('format')!r}, expected {FORMAT!r}")
+    try:
+        order, packed = json.loads(metadata["order"]), json.loads(metadata["packed"])
+    except (KeyError, json.JSONDecodeError):
+        raise _fail(path, "metadata lacks the key order or the packed weights") from None
+    out: dict[str, torch.Tensor] = {}
+    for name in order:
+        if name not in packed:
+            if name not in tensors:
+                raise _fail(path, f"tensor {name!r} is missing")
+            out[name] = tensors[name]
+            continue
+        mask, values = tensors.get(name + MASK), tensors.get(name + VALUES)
+        info = packed[name]
+        dtype, shape = DTYPES.get(info.get("dtype")), info.get("shape")
+        if mask is None or values is None or dtype is None or not isinstance(shape, list):
+            raise _fail(path, f"packed weight {name!r} is incomplete")
+        numel = math.prod(shape)
+        if mask.dtype != torch.uint8 or mask.numel() != (numel + 7) // 8:
+            raise _fail(path, f"packed weight {name!r}: mask of {mask.numel()} bytes")
+        keep = np.unpackbits(mask.numpy(), count=numel, bitorder="little").astype(bool)
+        if int(keep.sum()) != values.numel():
+            raise _fail(path, f"packed weight {name!r}: {values.numel()} values for its mask")
+        flat = torch.zeros(numel, dtype=dtype)
+        flat[torch.from_numpy(keep)] = values.to(dtype)
+        negzero = tensors.get(name + NEGZERO)
+        if negzero is not None:
+            zeros = numel - values.numel()
+            if negzero.dtype != torch.uint8 or negzero.numel() != (zeros + 7) // 8:
+                raise _fail(path, f"packed weight {name!r}: sign bits of {negzero.numel()} bytes")
+            sign = np.unpackbits(negzero.numpy(), count=zeros, bitorder="little").astype(bool)
+            where = torch.from_numpy(~keep).nonzero().flatten()[torch.from_numpy(sign)]
+            flat[where] = -0.0
+        out[name] = flat.reshape(shape)
+    return out
+
+
+ONNX_OPSET = 18
+
+
+def onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
+    """The model as an ONNX graph (opset ``ONNX_OPSET``, batch dimension dynamic), from
+    torch.export; a model it cannot export is one PipelineError."""
+    import logging
+
+    batch = torch.export.Dim("batch", min=1)
+    for name in ("torch.onnx", "torch.export", "onnxscript"):  # progress lines, not news
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        program = torch.onnx.export(
+            model.eval(),
+            (example,),
+            dynamo=True,
+            opset_version=ONNX_OPSET,
+            dynamic_shapes=({0: batch},),
+            verbose=False,
+        )
+        return program.model_proto.SerializeToString()
+    except Exception as exc:  # the exporter raises many types; any one means no ONNX model
+        while exc.__cause__ is not None:  # the innermost names the operator
+            exc = exc.__cause__
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
+        raise PipelineError(
+            f"export: ONNX export of the model failed ({type(exc).__name__}: {first}); "
+            "allowed: export.onnx: false to export the compact file alone"
+        ) from None
+
+
+def onnx_check(model: torch.nn.Module, data: bytes, dataset, batch_size: int = 256) -> float:
+    """Largest |ONNX logit - PyTorch logit| over ``dataset`` (onnxruntime on the CPU, the
+    model on its device), batch by batch; raises unless within 1e-4 of max(1, |logits|)."""
+    import onnxruntime
+    from torch.utils.data import DataLoader
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    session = onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    worst, scale = 0.0, 1.0
+    for x, _ in DataLoader(dataset, batch_size=batch_size):
+        expected = predict_logits(model, x, batch_size)
+        got = torch.from_numpy(session.run(None, {name: x.numpy()})[0]).float()
+        worst = max(worst, float((got - expected).abs().max()))
+        scale = max(scale, float(expected.abs().max()))
+    if not worst <= 1e-4 * scale:
+        raise PipelineError(
+            f"export: the ONNX model's logits differ from PyTorch's by {worst:.3g} "
+            f"(allowed: 1e-4 x {scale:.3g}); allowed: export.onnx: false"
+        )
+    return worst
