@@ -312,10 +312,15 @@ class TrackParams:
 
     tracking_uri: str | None = None  # null: $MLFLOW_TRACKING_URI, else sqlite at the project root
     experiment: str = "rdprune"
+    registered_model: str | None = None  # null: log the model only | a registry name: a version
 
     def validate(self) -> None:
         if not self.experiment:
             raise _fail("track.experiment", self.experiment, "a non-empty name")
+        if self.registered_model is not None and not (
+            isinstance(self.registered_model, str) and self.registered_model.strip()
+        ):
+            raise _fail("track.registered_model", self.registered_model, "null or a name")
 
 
 EXPORT_DTYPES = ("float16", "bfloat16")

@@ -22,6 +22,7 @@ from pipeline.layers import macs_per_weight, prunable_numel
 from pipeline.masking import masks_from_zeros, pruned_count
 from pipeline.schedule import RoundSettings, target_sparsity
 from pipeline.stage import (
+    final_model,
     load_model,
     log,
     log_epoch,
@@ -236,6 +237,7 @@ def schedule_record(params: Params, paths: io.Paths) -> RunRecord | None:
         artifacts=[paths.metrics("rounds")],
         tags={"rdprune.stage": "schedule"},
         children=children,
+        model=final_model(params, paths, paths.round(entries[-1]["round"]) / "model.pt", True),
     )
 
 

@@ -45,7 +45,7 @@ from pipeline.progressive import progressive_allocation
 from pipeline.refine import refine_allocation
 from pipeline.repair import Recovery
 from pipeline.selection import select_measured
-from pipeline.tracking import RunRecord
+from pipeline.tracking import ModelRecord, RunRecord
 from pipeline.training import EpochStats
 from pipeline.workunits import assemble, layer_costs, plan_units, profile_unit
 
@@ -469,4 +469,15 @@ def result_record(params: Params, paths: io.Paths) -> RunRecord:
         },
         artifacts=[paths.allocation, paths.pareto, *paths.figures()],
         tags={"rdprune.stage": "track"},
+        # the final network is the schedule's when it runs (registered with that record)
+        model=final_model(params, paths, paths.finetuned, params.schedule.rounds == 0),
     )
+
+
+def final_model(params: Params, paths: io.Paths, path: Path, register: bool) -> ModelRecord:
+    """The network in checkpoint ``path`` for its MLflow run, with two calibration images as
+    the input example; a registry version of ``track.registered_model`` if ``register``."""
+    inputs, _, reference = io.read_calibration(paths.calibration)
+    model = load_model(params, path, inputs.shape[1], reference.shape[1], "final model")
+    name = params.track.registered_model if register else None
+    return ModelRecord(model, inputs[:2], name)

@@ -144,6 +144,18 @@ def _add_exp_name(client: Any, run: Any, exp_name: str) -> None:
 
 
 @dataclass(frozen=True)
+class ModelRecord:
+    """A result's network for the run: logged as an MLflow PyTorch model in torch.export's
+    format (signature and input example from ``example``; ``mlflow.pytorch.load_model`` gives
+    the program's module, the network with its zeros, with no pickled code run and no need of
+    this project), registered as a new version of ``registered_name`` when that is set."""
+
+    model: Any  # torch.nn.Module
+    example: Any  # (n, ...) torch.Tensor of inputs
+    registered_name: str | None = None
+
+
+@dataclass(frozen=True)
 class RunRecord:
     """What one run holds. params: dotted params.yaml keys; metrics: final values; steps:
     metric -> [(step, value)]; tables: artifact file -> column dict (the UI's table view);
@@ -156,6 +168,7 @@ class RunRecord:
     artifacts: Sequence[Path]
     tags: Mapping[str, str]
     children: Sequence[tuple[str, RunRecord]] = ()  # (run name, record): nested runs
+    model: ModelRecord | None = None
 
 
 def log_result(
@@ -201,6 +214,8 @@ def _log_run(
     # on any exception, KeyboardInterrupt included, the run ends FAILED and a rerun replaces it
     with mlflow.start_run(experiment_id=experiment_id, run_name=run_name, tags=tags) as run:
         _log_record(client, run.info.run_id, record)
+        if record.model is not None:
+            _log_model(record.model)
         for child_name, child in record.children:
             with mlflow.start_run(
                 experiment_id=experiment_id, run_name=child_name, nested=True, tags=child.tags
@@ -226,3 +241,25 @@ def _log_record(client: Any, run_id: str, record: RunRecord) -> None:
         mlflow.log_table(data=dict(table), artifact_file=name)
     for path in record.artifacts:
         mlflow.log_artifact(str(path))
+
+
+def _log_model(record: ModelRecord) -> None:
+    """``record``'s network as the active run's ``model`` (and a registry version)."""
+    import mlflow
+    import torch
+    from mlflow.models import infer_signature
+
+    model, example = record.model.cpu().eval(), record.example.cpu()
+    with torch.no_grad():
+        output = model(example)
+    mlflow.pytorch.log_model(
+        model,
+        name="model",
+        signature=infer_signature(example.numpy(), output.numpy()),
+        input_example=example.numpy(),
+        # stated, not inferred (inference imports the model in a subprocess: seconds)
+        pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy"],
+        # torch.export's program (batch dimension dynamic): loading it runs no pickled code
+        serialization_format="pt2",
+        registered_model_name=record.registered_name,
+    )

@@ -16,6 +16,7 @@ from stages import (
     allocate,
     baseline,
     calibrate,
+    export,
     finetune,
     profile,
     prune,
@@ -24,7 +25,18 @@ from stages import (
     validate,
 )
 
-STAGES = [validate, baseline, calibrate, profile, allocate, prune, finetune, schedule, track]
+STAGES = [
+    validate,
+    baseline,
+    calibrate,
+    profile,
+    allocate,
+    prune,
+    finetune,
+    schedule,
+    export,
+    track,
+]
 TINY = {
     "baseline": {"epochs": 2},
     "calibrate": {"samples": 32},

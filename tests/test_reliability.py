@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline import io, tracking
 from pipeline.allocation import check_same_layers
 from pipeline.errors import PipelineError
 from pipeline.mckp import solve_mckp
-from pipeline.models import normalize_state_dict, resolve_model
+from pipeline.models import build_model, normalize_state_dict, resolve_model
 from pipeline.plots import allocations_figure, distortion_curves_figure, pareto_figure
 from stages import allocate, track, validate
 from tests.conftest import resolved_dvc_yaml, write_params
@@ -129,6 +130,31 @@ def test_track_finds_the_run_of_a_result_and_tags_each_experiment(project, tmp_p
     io.write_metrics(paths.metrics("finetune"), {**metrics, "epochs": 99})
     assert track.main(["--root", str(paths.root)]) == 0
     assert len(runs_of(paths.root)) == 2
+
+
+def test_the_run_holds_the_model_and_registers_one_version_per_result(project, tmp_path):
+    import mlflow
+
+    paths = copy_project(project, tmp_path / "m", track={"registered_model": "digits-rd"})
+    metrics = io.read_metrics(paths.metrics("finetune"))
+    io.write_metrics(paths.metrics("finetune"), {**metrics, "epochs": 42})  # a new result
+    for _ in range(2):  # the second finds the run: no second version
+        assert track.main(["--root", str(paths.root)]) == 0
+    uri = f"sqlite:///{paths.root / 'mlflow.db'}"
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    (version,) = client.search_model_versions("name = 'digits-rd'")
+    mlflow.set_tracking_uri(uri)
+    try:
+        logged = mlflow.pytorch.load_model(f"models:/digits-rd/{version.version}")
+    finally:
+        mlflow.set_tracking_uri(None)
+    finetuned = build_model("digits_cnn", 1, 10)
+    finetuned.load_state_dict(torch.load(paths.finetuned))
+    inputs, _, _ = io.read_calibration(paths.calibration)
+    network = logged  # the module of a torch.export program: no pickled code ran to load it
+    with torch.no_grad():  # 32 images: the batch dimension is dynamic (the example had 2)
+        torch.testing.assert_close(network(inputs), finetuned.eval()(inputs), rtol=0, atol=1e-6)
+    assert int(sum((p == 0).sum() for p in network.parameters())) > 0  # the zeros came along
 
 
 def test_interrupted_logging_leaves_no_run_and_a_rerun_logs_it_once(project, tmp_path, monkeypatch):

@@ -50,6 +50,21 @@ def test_outputs_and_metrics(project):
             assert int((dict(model.named_modules())[name].weight != 0).sum()) == kept
 
 
+def test_export_is_compact_exact_and_checked(project):
+    from pipeline.export import load_compact
+
+    paths = io.Paths(project)
+    metrics = io.read_metrics(paths.metrics("export"))
+    assert metrics["compact_bytes"] == (paths.export / "model.safetensors").stat().st_size
+    assert metrics["dense_bytes"] == paths.finetuned.stat().st_size
+    assert metrics["size_ratio"] > 1.5 and metrics["accuracy_change"] == 0
+    assert 0 <= metrics["onnx_max_abs_diff"] <= 1e-4 and metrics["onnx_opset"] == 18
+    finetuned = torch.load(paths.finetuned)
+    back = load_compact(paths.export / "model.safetensors")
+    assert list(back) == list(finetuned)
+    assert all(torch.equal(back[k], v) and back[k].dtype == v.dtype for k, v in finetuned.items())
+
+
 def test_profile_is_byte_deterministic(project, tmp_path):
     shutil.copytree(project, tmp_path / "again")
     (tmp_path / "again" / "artifacts" / "distortion.parquet").unlink()
