@@ -1,26 +1,121 @@
-"""Exactness of the fast engine on a GPU: fast vs naive on the pretrained ResNet-20, BN-corrected
-curves, in float32 and in float64.
+"""Exactness of the fast engine: fast vs naive on the pretrained ResNet-20, BN-corrected
+curves, in float32 and in float64 (a CUDA GPU); and, with ``--precisions``, each
+``profile.precision`` against fp32 on ResNet-20 and a random-weight ResNet-50 (224x224,
+synthetic images).
 
 In float32 the per-entry relative difference is large only on entries near the rounding floor
 (distortions ~1e-12: logits that differ by ~1e-6); this prints it for every entry, for entries
 above 1e-3 of their curve's maximum, and as |difference| / curve maximum. In float64 the two
 engines agree to ~1e-15: the algorithm is exact, the float32 spread is rounding.
 
-Run: python benchmarks/bench_exactness.py [--calib FILE]   (torch + numpy; a CUDA GPU)
+Per precision: seconds, the largest and median relative error against fp32 on entries above
+1e-3 of their curve's maximum, and whether rd's allocation at 50/80/90 % is the same (if not,
+the fp32-predicted distortion of each).
+
+Run: python benchmarks/bench_exactness.py [--calib FILE]                       (a CUDA GPU)
+     python benchmarks/bench_exactness.py --precisions fp32,tf32,bf16 [--device cuda]
+     python benchmarks/bench_exactness.py --precisions fp32,bf16 --device cpu --models resnet20
 """
 
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_profile import load_resnet20, run_engine  # noqa: E402
+from bench_profile import load_resnet20, run_engine, torchvision_model  # noqa: E402
 
+from pipeline.allocation import predicted_distortion  # noqa: E402
 from pipeline.device import exact_cuda  # noqa: E402
-from pipeline.distortion import sparsity_grid  # noqa: E402
+from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid  # noqa: E402
 from pipeline.evaluation import predict_logits  # noqa: E402
+from pipeline.layers import macs_per_weight, prunable_numel  # noqa: E402
+
+
+def option(name: str, default: str) -> str:
+    return sys.argv[sys.argv.index(name) + 1] if name in sys.argv else default
+
+
+def curves_at(model, inputs, precision, levels, batch, memory_mb):
+    reference = predict_logits(model, inputs, batch)
+    grid = sparsity_grid(levels)
+    numel = prunable_numel(model)
+    start = time.perf_counter()
+    per_layer = [
+        profile_layer(
+            name,
+            model=model,
+            inputs=inputs,
+            reference=reference,
+            sparsities=grid,
+            batch_size=batch,
+            threads=torch.get_num_threads(),
+            engine="fast",
+            memory_mb=memory_mb,
+            bn_correction="relative",
+            precision=precision,
+        )
+        for name in numel
+    ]
+    if inputs.is_cuda:
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    curves = DistortionCurves.from_profiles(
+        numel, grid, per_layer, macs_per_weight(model, inputs[:1])
+    )
+    return curves, seconds
+
+
+def precision_report(name, model, inputs, precisions, levels, batch, memory_mb):
+    import rdprune
+
+    out = {p: curves_at(model, inputs, p, levels, batch, memory_mb) for p in precisions}
+    exact, _ = out["fp32"]
+    for p, (curves, seconds) in out.items():
+        errors = []
+        for a, b in zip(exact.mean, curves.mean, strict=True):
+            big = a > 1e-3 * a.max()
+            errors.extend((np.abs(b[big] - a[big]) / a[big]).tolist())
+        same = []
+        for ratio in (0.5, 0.8, 0.9):
+            a, b = rdprune.allocate(exact, ratio), rdprune.allocate(curves, ratio)
+            if np.array_equal(a.kept, b.kept):
+                same.append(f"{ratio:.0%} same")
+            else:
+                d = predicted_distortion(exact, "mean", b.kept).sum()
+                same.append(f"{ratio:.0%} differs ({d:.4g} vs {a.total_predicted:.4g})")
+        print(
+            f"{name} {p}: {seconds:.1f} s; rel. error vs fp32 (entries > 1e-3 max): max "
+            f"{max(errors):.2e}, median {np.median(errors):.2e}; rd: {', '.join(same)}",
+            flush=True,
+        )
+
+
+if "--precisions" in sys.argv:
+    device = torch.device(option("--device", "cuda"))
+    precisions = option("--precisions", "fp32,tf32,bf16").split(",")
+    models = option("--models", "resnet20,resnet50").split(",")
+    if "fp32" not in precisions:
+        precisions.insert(0, "fp32")
+    if device.type == "cuda":
+        exact_cuda()
+    gpu = device.type == "cuda"
+    if "resnet20" in models:
+        model, inputs = load_resnet20(256, None)
+        precision_report(
+            "resnet20", model.to(device).eval(), inputs.to(device), precisions, 41,
+            128 if gpu else 32, 16384 if gpu else 64,
+        )  # fmt: skip
+    if "resnet50" in models:
+        gen = torch.Generator().manual_seed(0)
+        images = torch.randn(256 if gpu else 16, 3, 224, 224, generator=gen)
+        precision_report(
+            "resnet50", torchvision_model("resnet50", 1000).to(device).eval(), images.to(device),
+            precisions, 101 if gpu else 11, 64 if gpu else 8, 16384 if gpu else 256,
+        )  # fmt: skip
+    sys.exit(0)
 
 
 class A:

@@ -412,6 +412,7 @@ STAGES = (
     "prune",
     "finetune",
     "schedule",
+    "export",
     "track",
 )
 

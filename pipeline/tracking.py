@@ -263,3 +263,15 @@ def _log_model(record: ModelRecord) -> None:
         serialization_format="pt2",
         registered_model_name=record.registered_name,
     )
+
+
+UI_ADDRESS = "http://127.0.0.1:5000"  # where `mlflow ui` serves by default
+
+
+def run_link(uri: str, experiment_id: str, run_id: str) -> str:
+    """The full address of a run in the MLflow UI (the server's own for an http(s) store;
+    else `mlflow ui`'s default, with the command that serves this store)."""
+    where = f"#/experiments/{experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{where}"
+    return f"{UI_ADDRESS}/{where} (serve it with: mlflow ui --backend-store-uri {uri})"

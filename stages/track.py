@@ -20,9 +20,10 @@ from pipeline.stage import log, result_record, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
+    model = f"{params.model.arch} {params.data.name}"  # runs of different models apart
     results = [
         (
-            f"{params.allocate.method} ratio={params.prune.ratio:g}",
+            f"{model} {params.allocate.method} ratio={params.prune.ratio:g}",
             paths.result_files(),
             result_record(params, paths),
         )
@@ -30,7 +31,7 @@ def run(params: Params, paths: io.Paths) -> None:
     schedule = schedule_record(params, paths)
     if schedule is not None:  # one parent run per schedule, a nested run per round
         s = params.schedule
-        name = f"{params.allocate.method} schedule {s.rounds}x{s.amount:g}"
+        name = f"{model} {params.allocate.method} schedule {s.rounds}x{s.amount:g}"
         results.append((name, schedule_files(paths), schedule))
     uri = tracking.resolve_tracking_uri(params.track.tracking_uri, paths.root)
     for run_name, files, record in results:
@@ -52,12 +53,10 @@ def run(params: Params, paths: io.Paths) -> None:
                 "result's files are intact: run `dvc repro` again once the store can be written"
             ) from None
         log.info(
-            "track: MLflow run %s %r (%s); in `mlflow ui`: "
-            "#/experiments/%s?workflowType=machine_learning",
-            run_id,
+            "track: MLflow run %r %s: %s",
             run_name,
             "logged" if created else "already there",
-            experiment_id,
+            tracking.run_link(uri, experiment_id, run_id),
         )
 
 

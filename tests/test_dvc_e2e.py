@@ -142,7 +142,7 @@ def test_repro_ratio_change_mlflow_and_bad_input(checkout):
     # Editing prune.ratio reruns exactly allocate, prune and finetune.
     edit_params(root, "prune", "ratio", 0.5)
     second = sh(root, "dvc", "repro")
-    assert ran(second.stdout) == ["validate", "allocate", "prune", "finetune", "track"]
+    assert ran(second.stdout) == ["validate", "allocate", "prune", "finetune", "export", "track"]
     sh(root, "git", "add", "-A")
     sh(root, "git", "commit", "-qm", "ratio 0.5")
     runs = mlflow_runs(root)
@@ -204,7 +204,7 @@ def test_repro_ratio_change_mlflow_and_bad_input(checkout):
     # rounds repair; with rounds 0 it has nothing to do); the paper's plain method (no
     # repair, plain curves) reruns the profile too.
     edit_params(root, "prune", "reconstruct", "layerwise")
-    changed = ["validate", "allocate", "prune", "finetune", "schedule", "track"]
+    changed = ["validate", "allocate", "prune", "finetune", "schedule", "export", "track"]
     assert ran(sh(root, "dvc", "repro").stdout) == changed
     metrics = json.loads((root / "metrics" / "prune.json").read_text())
     assert metrics["measured_distortion"] < metrics["measured_distortion_before_repair"]
@@ -266,7 +266,7 @@ def test_schedule_runs_its_rounds_and_resumes_through_dvc(checkout):
     params["schedule"].update(rounds=2, epochs=1)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     out = sh(root, "dvc", "repro")
-    assert ran(out.stdout) == ["validate", "schedule", "track"]
+    assert ran(out.stdout) == ["validate", "schedule", "export", "track"]  # the last round
     assert (root / "artifacts" / "finetuned.pt").read_bytes() == one_shot
     entries = json.loads((root / "metrics" / "rounds.json").read_text())
     assert [e["round"] for e in entries] == [1, 2]
@@ -291,7 +291,7 @@ def test_schedule_runs_its_rounds_and_resumes_through_dvc(checkout):
     first = (root / "artifacts" / "rounds" / "round_001" / "model.pt").read_bytes()
     edit_params(root, "schedule", "rounds", 3)
     out = sh(root, "dvc", "repro")
-    assert ran(out.stdout) == ["validate", "schedule", "track"]
+    assert ran(out.stdout) == ["validate", "schedule", "export", "track"]  # the last round
     assert "round 1: reused" in out.stdout + out.stderr
     assert "round 2: reused" in out.stdout + out.stderr
     assert (root / "artifacts" / "rounds" / "round_001" / "model.pt").read_bytes() == first

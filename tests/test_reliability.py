@@ -157,6 +157,20 @@ def test_the_run_holds_the_model_and_registers_one_version_per_result(project, t
     assert int(sum((p == 0).sum() for p in network.parameters())) > 0  # the zeros came along
 
 
+def test_track_prints_the_full_address_of_its_run(project, tmp_path, caplog):
+    import logging
+
+    paths = copy_project(project, tmp_path / "u")
+    caplog.set_level(logging.INFO)
+    assert track.main(["--root", str(paths.root)]) == 0
+    (run,) = runs_of(paths.root)
+    link = f"http://127.0.0.1:5000/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+    assert link in caplog.text and "mlflow ui --backend-store-uri sqlite:///" in caplog.text
+    assert tracking.run_link("https://mlflow.example/", "3", "abc") == (
+        "https://mlflow.example/#/experiments/3/runs/abc"
+    )
+
+
 def test_interrupted_logging_leaves_no_run_and_a_rerun_logs_it_once(project, tmp_path, monkeypatch):
     import mlflow
 

@@ -405,7 +405,7 @@ def test_track_logs_one_parent_run_per_schedule_with_a_run_per_round(
     assert {r.info.status for r in runs} == {"FINISHED"}
     nested = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     assert sorted(r.info.run_name for r in nested) == ["round 1", "round 2"]
-    assert parent.info.run_name == "lamp schedule 2x0.2"
+    assert parent.info.run_name == "digits_cnn digits lamp schedule 2x0.2"
     steps = client.get_metric_history(parent.info.run_id, "round_sparsity")
     assert [m.step for m in sorted(steps, key=lambda m: m.step)] == [1, 2]
     assert parent.data.metrics["rounds"] == 2

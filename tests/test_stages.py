@@ -83,6 +83,7 @@ def test_mlflow_run_holds_the_result(project):
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("rdprune").experiment_id])
+    assert run.info.run_name == "digits_cnn digits rd ratio=0.6"  # model, data, method, ratio
     assert run.data.params["prune.ratio"] == "0.6" and run.data.params["allocate.method"] == "rd"
     assert run.data.metrics["ratio"] == 0.6
     for key in (
