@@ -475,6 +475,39 @@ def result_record(params: Params, paths: io.Paths) -> RunRecord:
     )
 
 
+RESULT_METRICS = (
+    "accuracy",
+    "sparsity",
+    "flops_reduction",
+    "predicted_distortion",
+    "measured_distortion",
+    "dense_accuracy",
+)
+
+
+def result_metrics(params: Params, paths: io.Paths) -> dict[str, float]:
+    """The few numbers experiments are compared by (``metrics/result.json``, the one DVC
+    metrics file): the final model's test accuracy and sparsity (the schedule's last round
+    when it runs), the FLOPs reduction, the predicted and measured distortion of its masks,
+    and the dense accuracy. The stages' other numbers stay in their own files."""
+    calibrate, allocate, prune, finetune = (
+        io.read_metrics(paths.metrics(s)) for s in ("calibrate", "allocate", "prune", "finetune")
+    )
+    out = {
+        "accuracy": finetune["accuracy"],
+        "sparsity": finetune["sparsity"],
+        "flops_reduction": prune["flops_reduction"],
+        "predicted_distortion": allocate["predicted_distortion"],
+        "measured_distortion": prune["measured_distortion"],
+        "dense_accuracy": calibrate["dense_accuracy"],
+    }
+    if params.schedule.rounds > 0:  # the last round's, and nothing of the one-shot model
+        last = io.read_metrics(paths.metrics("schedule"))
+        out = {k: last[k] for k in RESULT_METRICS if k in last}
+        out["dense_accuracy"] = calibrate["dense_accuracy"]
+    return out
+
+
 def final_model(params: Params, paths: io.Paths, path: Path, register: bool) -> ModelRecord:
     """The network in checkpoint ``path`` for its MLflow run, with two calibration images as
     the input example; a registry version of ``track.registered_model`` if ``register``."""

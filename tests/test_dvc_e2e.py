@@ -262,6 +262,34 @@ def test_plots_page_draws_every_plot_offline(checkout, tmp_path):
         assert "<canvas" in dom[start : start + 4000], f"{div} was not drawn"
 
 
+def test_the_readme_comparison_prints_the_columns_it_promises(checkout):
+    """The README's `dvc exp show` recipe, run as written: one row per experiment and
+    exactly the seven columns it names (metrics/result.json is the one metrics file)."""
+    root = checkout
+    text = (REPO / "README.md").read_text()
+    start = text.index("dvc exp show --drop")
+    recipe = text[start : text.index("```", start)].replace("\\\n", " ")
+    out = subprocess.run(
+        recipe + " --no-pager",
+        shell=True,
+        cwd=root,
+        env={**sh_env(), "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    header = next(line for line in out.splitlines() if "Experiment" in line)
+    assert header.split() == [
+        "Experiment",
+        "accuracy",
+        "sparsity",
+        "flops_reduction",
+        "measured_distortion",
+        "allocate.method",
+        "prune.ratio",
+    ]
+
+
 def test_killing_dvc_stops_its_stage(checkout):
     """SIGTERM to `dvc repro` ends the running stage too: no orphan writes outputs later."""
     root = checkout
