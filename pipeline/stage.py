@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import copy
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -173,8 +174,14 @@ def recovery_images(params: Params, train_eval: Dataset) -> torch.Tensor | None:
 def stage_device(params: Params) -> torch.device:
     """The torch device the ``device`` param names here (one clear error if there is none)."""
     device = resolve_device(params.device)
-    log.info("device: %s (device = %s)", device, params.device)
+    _announce_device(str(device), params.device)
     return device
+
+
+@functools.cache
+def _announce_device(device: str, param: str) -> None:
+    """Log the device once per process, however many models a stage loads."""
+    log.info("device: %s (device = %s)", device, param)
 
 
 def adopt_checkpoint(model: nn.Module, params: Params) -> nn.Module:

@@ -50,6 +50,8 @@ def run(params: Params, paths: io.Paths) -> None:
         if k > params.schedule.rounds:  # past the schedule's end: another schedule's rounds
             shutil.rmtree(stale)
     paths.rounds.mkdir(parents=True, exist_ok=True)
+    # the finished rounds' numbers: never an empty folder (DVC warns of one on every repro)
+    io.write_json(paths.rounds / "index.json", [e["round"] for e in entries])
     io.write_json(paths.metrics("rounds"), entries)
     io.write_metrics(paths.metrics("schedule"), {"rounds": len(entries), **(entries or [{}])[-1]})
     io.write_json(paths.timing("schedule_rounds"), seconds)

@@ -316,7 +316,8 @@ def test_schedule_stage_writes_rounds_and_resumes_to_the_same_bytes(project, tmp
         assert e["sparsity"] == pytest.approx(target_sparsity(e["round"], 0.2), abs=1e-3)
         assert 0 <= e["accuracy"] <= 1
     assert io.read_metrics(whole.metrics("schedule"))["round"] == 2
-    assert sorted(p.name for p in whole.rounds.iterdir()) == ["round_001", "round_002"]
+    rounds = sorted(p.name for p in whole.rounds.iterdir())
+    assert rounds == ["index.json", "round_001", "round_002"]
 
     # killed in round 2: round 1 is on disk, round 2 is not
     cut = schedule_project(project, tmp_path / "cut")
@@ -354,7 +355,7 @@ def test_schedule_stage_writes_rounds_and_resumes_to_the_same_bytes(project, tmp
     calls.clear()
     assert schedule.main(["--root", str(cut.root)]) == 0
     assert calls == [1]
-    assert sorted(p.name for p in cut.rounds.iterdir()) == ["round_001"]
+    assert sorted(p.name for p in cut.rounds.iterdir()) == ["index.json", "round_001"]
 
 
 def test_no_rounds_writes_empty_outputs(project, tmp_path):
@@ -362,7 +363,8 @@ def test_no_rounds_writes_empty_outputs(project, tmp_path):
     assert schedule.main(["--root", str(paths.root)]) == 0
     assert io.read_json(paths.metrics("rounds")) == []
     assert io.read_metrics(paths.metrics("schedule")) == {"rounds": 0}
-    assert paths.rounds.is_dir() and not list(paths.rounds.iterdir())
+    assert [p.name for p in paths.rounds.iterdir()] == ["index.json"]  # no round, no empty folder
+    assert io.read_json(paths.rounds / "index.json") == []
 
 
 def test_track_logs_one_parent_run_per_schedule_with_a_run_per_round(
@@ -458,4 +460,8 @@ def test_unreachable_schedule_fails_before_round_1_and_stray_folders_stay(
     stray.mkdir(parents=True)
     (paths.rounds / "round_002").mkdir()
     assert schedule.main(["--root", str(paths.root)]) == 0
-    assert sorted(p.name for p in paths.rounds.iterdir()) == ["round_001", "round_001_backup"]
+    assert sorted(p.name for p in paths.rounds.iterdir()) == [
+        "index.json",
+        "round_001",
+        "round_001_backup",
+    ]

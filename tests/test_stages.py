@@ -306,3 +306,16 @@ def test_bad_bn_recalibration_mode_is_one_error_line(project, tmp_path, capsys):
     assert err[-1].startswith("error: prune.bn_recalibration_mode")
     assert "relative" in err[-1] and "absolute" in err[-1]
     assert io.Paths(root).pruned.read_bytes() == before
+
+
+def test_the_device_is_logged_once_per_process(caplog):
+    import logging
+
+    from pipeline.config import Params
+    from pipeline.stage import _announce_device, stage_device
+
+    _announce_device.cache_clear()
+    caplog.set_level(logging.INFO)
+    for _ in range(3):  # a stage that loads three models
+        stage_device(Params(device="cpu"))
+    assert caplog.text.count("device: cpu (device = cpu)") == 1
