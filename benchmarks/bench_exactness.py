@@ -29,9 +29,8 @@ from bench_profile import load_resnet20, run_engine, torchvision_model  # noqa: 
 
 from pipeline.allocation import predicted_distortion  # noqa: E402
 from pipeline.device import exact_cuda  # noqa: E402
-from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid  # noqa: E402
+from pipeline.distortion import sparsity_grid  # noqa: E402
 from pipeline.evaluation import predict_logits  # noqa: E402
-from pipeline.layers import macs_per_weight, prunable_numel  # noqa: E402
 
 
 def option(name: str, default: str) -> str:
@@ -39,33 +38,22 @@ def option(name: str, default: str) -> str:
 
 
 def curves_at(model, inputs, precision, levels, batch, memory_mb):
-    reference = predict_logits(model, inputs, batch)
-    grid = sparsity_grid(levels)
-    numel = prunable_numel(model)
+    """(curves, seconds) of the fast engine at ``precision`` (BN-corrected, no repair)."""
+    import rdprune
+
     start = time.perf_counter()
-    per_layer = [
-        profile_layer(
-            name,
-            model=model,
-            inputs=inputs,
-            reference=reference,
-            sparsities=grid,
-            batch_size=batch,
-            threads=torch.get_num_threads(),
-            engine="fast",
-            memory_mb=memory_mb,
-            bn_correction="relative",
-            precision=precision,
-        )
-        for name in numel
-    ]
+    curves = rdprune.profile(
+        model,
+        inputs,
+        levels=levels,
+        batch_size=batch,
+        reconstruct=None,
+        memory_mb=memory_mb,
+        precision=precision,
+    )
     if inputs.is_cuda:
         torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
-    curves = DistortionCurves.from_profiles(
-        numel, grid, per_layer, macs_per_weight(model, inputs[:1])
-    )
-    return curves, seconds
+    return curves, time.perf_counter() - start
 
 
 def precision_report(name, model, inputs, precisions, levels, batch, memory_mb):

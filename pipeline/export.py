@@ -225,7 +225,7 @@ def onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
             dynamic_shapes=({0: batch},),
             verbose=False,
         )
-        return program.model_proto.SerializeToString()
+        proto = program.model_proto
     except Exception as exc:  # the exporter raises many types; any one means no ONNX model
         while exc.__cause__ is not None:  # the innermost names the operator
             exc = exc.__cause__
@@ -235,6 +235,22 @@ def onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
             f"export: ONNX export of the model failed ({type(exc).__name__}: {first}); "
             "allowed: export.onnx: false to export the compact file alone"
         ) from None
+    for graph in [proto.graph, *proto.functions]:
+        _drop_stack_traces(graph.node)
+    return proto.SerializeToString()
+
+
+def _drop_stack_traces(nodes) -> None:
+    """Remove the exporter's per-node source stack traces (they hold this checkout's absolute
+    paths: the same model exported from another folder would differ in bytes), in subgraphs
+    too."""
+    for node in nodes:
+        kept = [p for p in node.metadata_props if p.key != "pkg.torch.onnx.stack_trace"]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
+        for attribute in node.attribute:
+            for graph in [attribute.g, *attribute.graphs]:
+                _drop_stack_traces(graph.node)
 
 
 def onnx_check(model: torch.nn.Module, data: bytes, dataset, batch_size: int = 256) -> float:
