@@ -1,6 +1,5 @@
 """export: the final model as a compact safetensors file (packed masks + non-zero values)
-and as ONNX checked against PyTorch with onnxruntime; the result's headline numbers
-(metrics/result.json, what `dvc exp show` compares)."""
+and as ONNX checked against PyTorch with onnxruntime."""
 
 from __future__ import annotations
 
@@ -16,7 +15,7 @@ from pipeline.evaluation import accuracy
 from pipeline.export import ONNX_OPSET, load_compact, onnx_bytes, onnx_check, save_compact
 from pipeline.layers import prunable_numel
 from pipeline.masking import zero_count
-from pipeline.stage import load_model, log, result_metrics, run_stage
+from pipeline.stage import load_model, log, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
@@ -52,7 +51,6 @@ def run(params: Params, paths: io.Paths) -> None:
         diff = onnx_check(model, data, splits.test, params.calibrate.batch_size)
         metrics |= {"onnx_bytes": len(data), "onnx_opset": ONNX_OPSET, "onnx_max_abs_diff": diff}
     io.write_metrics(paths.metrics("export"), metrics)
-    io.write_metrics(paths.metrics("result"), result_metrics(params, paths))
     log.info(
         "export: %s %d bytes (dense state_dict %d, %.2fx smaller) at sparsity %.4f%s",
         compact,

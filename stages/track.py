@@ -16,10 +16,12 @@ from pipeline import io, tracking
 from pipeline.config import Params
 from pipeline.errors import PipelineError
 from pipeline.rounds import schedule_files, schedule_record
-from pipeline.stage import log, result_record, run_stage
+from pipeline.stage import log, result_metrics, result_record, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
+    # the few numbers experiments are compared by, before the store is touched
+    io.write_metrics(paths.metrics("result"), result_metrics(params, paths))
     model = f"{params.model.arch} {params.data.name}"  # runs of different models apart
     results = [
         (

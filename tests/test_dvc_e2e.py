@@ -268,7 +268,7 @@ def test_the_readme_comparison_prints_the_columns_it_promises(checkout):
     root = checkout
     text = (REPO / "README.md").read_text()
     start = text.index("dvc exp show --drop")
-    recipe = text[start : text.index("```", start)].replace("\\\n", " ")
+    recipe = text[start : text.index("```", start)].replace("\\\n", " ").strip()
     out = subprocess.run(
         recipe + " --no-pager",
         shell=True,
