@@ -51,6 +51,7 @@ DTYPES = {
     "BOOL": torch.bool,
 }
 NAMES = {v: k for k, v in DTYPES.items()}
+FLOATS = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 
 
 def compact_tensors(
@@ -61,6 +62,8 @@ def compact_tensors(
     """(tensors, metadata) of the compact form: each key in ``packed`` (a floating tensor)
     as mask + values (values cast to ``dtype`` if given), the rest as is."""
     packed = list(packed)
+    if dtype is not None and dtype not in FLOATS:
+        raise PipelineError(f"export: values dtype {dtype} is not allowed; allowed: {FLOATS}")
     for name in packed:
         if name not in state_dict or not state_dict[name].is_floating_point():
             raise PipelineError(f"export: {name!r} is not a floating tensor of the state_dict")
@@ -123,83 +126,145 @@ def _fail(path: Path, why: str) -> PipelineError:
     return PipelineError(f"compact model file {path}: {why}; write it with the export stage")
 
 
+def _ints(value: object, what: str) -> list[int]:
+    """``value`` as a list of non-negative JSON integers (not bools, floats or strings)."""
+    if not isinstance(value, list) or not all(type(v) is int and 0 <= v < 2**62 for v in value):
+        raise ValueError(f"{what} is not a list of non-negative integers")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict:
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"duplicate keys {sorted({k for k in keys if keys.count(k) > 1})}")
+    return dict(pairs)
+
+
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(tensors, metadata) of a safetensors file, every length and offset checked."""
+    """(tensors, metadata) of a safetensors file: every length, offset and shape checked, the
+    tensors' bytes disjoint and covering the data; anything else is one PipelineError."""
     path = Path(path)
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         raise PipelineError(f"compact model file not found: {path}") from None
+    except OSError as exc:
+        raise _fail(path, exc.strerror or type(exc).__name__) from None
+    try:
+        return _parse(path, data)
+    except PipelineError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        raise _fail(path, f"malformed ({exc})") from None
+
+
+def _parse(path: Path, data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     if len(data) < 8:
         raise _fail(path, f"{len(data)} bytes, too short for a safetensors header")
     n = int.from_bytes(data[:8], "little")
     if n > min(MAX_HEADER, len(data) - 8):
         raise _fail(path, f"header length {n} runs past the end of the {len(data)}-byte file")
     try:
-        header = json.loads(data[8 : 8 + n])
+        header = json.loads(data[8 : 8 + n], object_pairs_hook=_no_duplicates)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise _fail(path, "the header is not JSON") from None
     if not isinstance(header, dict):
         raise _fail(path, "the header is not a JSON object")
     metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise _fail(path, "__metadata__ is not an object of strings")
     body = memoryview(data)[8 + n :]
     tensors: dict[str, torch.Tensor] = {}
+    spans = []
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = [int(d) for d in entry["shape"]]
-            start, stop = (int(o) for o in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise _fail(path, f"tensor {name!r}: malformed entry (dtype, shape, offsets)") from None
+        if not isinstance(entry, dict) or entry.get("dtype") not in DTYPES:
+            raise _fail(path, f"tensor {name!r}: malformed entry or unknown dtype")
+        dtype = DTYPES[entry["dtype"]]
+        shape = _ints(entry.get("shape"), f"tensor {name!r}'s shape")
+        offsets = _ints(entry.get("data_offsets"), f"tensor {name!r}'s offsets")
+        if len(offsets) != 2:
+            raise _fail(path, f"tensor {name!r}: offsets {offsets}")
+        start, stop = offsets
         size = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        if min(shape, default=0) < 0 or not 0 <= start <= stop <= len(body) or stop - start != size:
+        if not start <= stop <= len(body) or stop - start != size:
             raise _fail(path, f"tensor {name!r}: offsets {start}..{stop} do not hold {shape}")
+        spans.append((start, stop, name))
         raw = bytearray(body[start:stop])  # a copy: the tensor owns its memory
-        flat = (
-            torch.frombuffer(raw, dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
-        )
+        empty = torch.empty(0, dtype=torch.uint8)
+        flat = torch.frombuffer(raw, dtype=torch.uint8) if raw else empty
         tensors[name] = flat.view(dtype).reshape(shape)
+    end = 0
+    for start, stop, name in sorted(spans):
+        if start != end:  # overlapping tensors, or bytes nobody owns
+            raise _fail(path, f"tensor {name!r} starts at {start}, not at {end}")
+        end = stop
+    if end != len(body):
+        raise _fail(path, f"{len(body) - end} bytes after the last tensor")
     return tensors, metadata
 
 
 def load_compact(path: Path) -> dict[str, torch.Tensor]:
     """The state_dict saved by ``save_compact``, keys in their original order: each packed
-    weight rebuilt from its mask and values (in its original dtype). A truncated or corrupt
-    file is one PipelineError naming it."""
+    weight rebuilt from its mask and values (in its original dtype). A truncated, corrupt or
+    inconsistent file is one PipelineError naming it."""
     tensors, metadata = read_safetensors(path)
+    try:
+        return _unpack(Path(path), tensors, metadata)
+    except PipelineError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError, RecursionError) as exc:
+        raise _fail(Path(path), f"malformed ({exc})") from None
+
+
+def _unpack(path: Path, tensors: dict, metadata: dict) -> dict[str, torch.Tensor]:
     if metadata.get("format") != FORMAT:
         raise _fail(path, f"format {metadata.get('format')!r}, expected {FORMAT!r}")
     try:
         order, packed = json.loads(metadata["order"]), json.loads(metadata["packed"])
     except (KeyError, json.JSONDecodeError):
         raise _fail(path, "metadata lacks the key order or the packed weights") from None
+    if not isinstance(order, list) or not all(isinstance(k, str) for k in order):
+        raise _fail(path, "the key order is not a list of names")
+    if len(set(order)) != len(order) or not isinstance(packed, dict):
+        raise _fail(path, "the key order repeats a name, or the packed weights are not an object")
+    if not set(packed) <= set(order):
+        raise _fail(path, "a packed weight is not in the key order")
+    expected = {k for k in order if k not in packed}
+    for name in packed:
+        expected |= {name + MASK, name + VALUES}
+        if name + NEGZERO in tensors:
+            expected.add(name + NEGZERO)
+    if set(tensors) != expected:
+        raise _fail(path, f"tensors {sorted(set(tensors) ^ expected)} do not match the key order")
     out: dict[str, torch.Tensor] = {}
     for name in order:
         if name not in packed:
-            if name not in tensors:
-                raise _fail(path, f"tensor {name!r} is missing")
             out[name] = tensors[name]
             continue
-        mask, values = tensors.get(name + MASK), tensors.get(name + VALUES)
-        info = packed[name]
-        dtype, shape = DTYPES.get(info.get("dtype")), info.get("shape")
-        if mask is None or values is None or dtype is None or not isinstance(shape, list):
-            raise _fail(path, f"packed weight {name!r} is incomplete")
+        mask, values, info = tensors[name + MASK], tensors[name + VALUES], packed[name]
+        if not isinstance(info, dict) or DTYPES.get(info.get("dtype")) not in FLOATS:
+            raise _fail(path, f"packed weight {name!r}: not a floating tensor")
+        dtype, shape = DTYPES[info["dtype"]], _ints(info.get("shape"), f"{name!r}'s shape")
         numel = math.prod(shape)
-        if mask.dtype != torch.uint8 or mask.numel() != (numel + 7) // 8:
+        if mask.dtype != torch.uint8 or mask.shape != ((numel + 7) // 8,):
             raise _fail(path, f"packed weight {name!r}: mask of {mask.numel()} bytes")
-        keep = np.unpackbits(mask.numpy(), count=numel, bitorder="little").astype(bool)
-        if int(keep.sum()) != values.numel():
+        bits = np.unpackbits(mask.numpy(), bitorder="little")
+        if bits[numel:].any():
+            raise _fail(path, f"packed weight {name!r}: mask bits set past its {numel} weights")
+        keep = bits[:numel].astype(bool)
+        if values.dim() != 1 or values.dtype not in FLOATS or int(keep.sum()) != len(values):
             raise _fail(path, f"packed weight {name!r}: {values.numel()} values for its mask")
         flat = torch.zeros(numel, dtype=dtype)
         flat[torch.from_numpy(keep)] = values.to(dtype)
         negzero = tensors.get(name + NEGZERO)
         if negzero is not None:
             zeros = numel - values.numel()
-            if negzero.dtype != torch.uint8 or negzero.numel() != (zeros + 7) // 8:
+            if negzero.dtype != torch.uint8 or negzero.shape != ((zeros + 7) // 8,):
                 raise _fail(path, f"packed weight {name!r}: sign bits of {negzero.numel()} bytes")
-            sign = np.unpackbits(negzero.numpy(), count=zeros, bitorder="little").astype(bool)
-            where = torch.from_numpy(~keep).nonzero().flatten()[torch.from_numpy(sign)]
+            sign = np.unpackbits(negzero.numpy(), bitorder="little")
+            if sign[zeros:].any():
+                raise _fail(path, f"packed weight {name!r}: sign bits set past its zeros")
+            where = torch.from_numpy(~keep).nonzero().flatten()[torch.from_numpy(sign[:zeros] == 1)]
             flat[where] = -0.0
         out[name] = flat.reshape(shape)
     return out

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.allocation import Allocation, Problem, layer_bounds
+from pipeline.allocation import ALLOCATORS, Allocation, Problem, layer_bounds
 from pipeline.allocation import allocate as _allocate
 from pipeline.config import ProfileParams
 from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
@@ -50,6 +50,10 @@ def profile(
         memory_mb=memory_mb,
         precision=precision,
     ).validate()
+    if not torch.is_tensor(inputs) or inputs.dim() < 2 or len(inputs) == 0:
+        raise ValueError("profile: inputs must be a non-empty (N, ...) torch tensor")
+    if not prunable_numel(model):
+        raise ValueError("profile: the model has no prunable layer (Conv1d/2d/3d or Linear)")
     model.eval()
     inputs = inputs.to(next(model.parameters()).device)
     reference = predict_logits(model, inputs, batch_size)
@@ -96,6 +100,10 @@ def allocate(
     "uniform_plus" are the baselines (they read ``model``'s weights). ``limits``: layer glob
     -> [min, max] sparsity; ``exclude``: globs kept dense. ``.sparsity``, ``.kept_by_layer``
     and ``.summary()`` describe the result."""
+    if isinstance(ratio, bool) or not isinstance(ratio, int | float) or not 0 <= ratio < 1:
+        raise ValueError(f"ratio = {ratio!r}; allowed: a number in [0, 1)")
+    if method not in ALLOCATORS:
+        raise ValueError(f"method = {method!r}; allowed: {', '.join(sorted(ALLOCATORS))}")
     if budget not in ("params", "flops"):
         raise ValueError(f"budget = {budget!r}; allowed: params, flops")
     lo, hi = layer_bounds(curves.layers, dict(limits or {}), list(exclude))

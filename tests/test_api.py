@@ -85,3 +85,18 @@ def test_prune_without_inputs_needs_no_recovery():
         rdprune.prune(model, allocation)
     rdprune.prune(model, allocation, reconstruct=None, bn_recalibration=None)
     assert zero_count(model)[0] > 0
+
+
+def test_misuse_is_one_clear_error():
+    model = randomized(TinyResNet()).eval()
+    calib = torch.randn(8, 3, 8, 8)
+    curves = rdprune.profile(model, calib, levels=3, reconstruct=None)
+    for ratio in (1.0, -0.1, "0.8", float("nan")):
+        with pytest.raises(ValueError, match="ratio = .*allowed: a number in"):
+            rdprune.allocate(curves, ratio)
+    with pytest.raises(ValueError, match="method = 'bogus'; allowed: .*global"):
+        rdprune.allocate(curves, 0.5, method="bogus")
+    with pytest.raises(ValueError, match="no prunable layer"):
+        rdprune.profile(torch.nn.Sequential(torch.nn.ReLU()), calib)
+    with pytest.raises(ValueError, match="non-empty"):
+        rdprune.profile(model, calib[:0])

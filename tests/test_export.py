@@ -104,11 +104,28 @@ def damaged(tmp_path, how):
         data[:8] = (len(data) * 4).to_bytes(8, "little")
     elif how == "json":
         data[8:12] = b"\xff\xfe{["
-    elif how in ("values", "format"):
+    elif how == "nested":
+        text = b"[" * 200_000
+        data = len(text).to_bytes(8, "little") + text
+    elif how == "duplicate":
+        text = data[8 : 8 + n].rstrip()[:-1] + b',"linear.bias":{"dtype":"F32","shape":[1]}}'
+        text += b" " * (-len(text) % 8)
+        data = len(text).to_bytes(8, "little") + text + data[8 + n :]
+    else:
         if how == "values":  # one value fewer than the mask says
             entry = header["stem.weight.__values__"]
             entry["shape"] = [entry["shape"][0] - 1]
             entry["data_offsets"][1] -= 4
+        elif how == "overlap":  # the bias reads bytes of another tensor
+            bias = header["linear.bias"]
+            bias["data_offsets"] = [0, bias["data_offsets"][1] - bias["data_offsets"][0]]
+        elif how == "float shape":
+            header["linear.bias"]["shape"] = [float(header["linear.bias"]["shape"][0])]
+        elif how == "order":  # a tensor the key order leaves out
+            order = json.loads(header["__metadata__"]["order"])
+            header["__metadata__"]["order"] = json.dumps(order[:-1])
+        elif how == "metadata":
+            header["__metadata__"] = ["not", "an", "object"]
         else:
             header["__metadata__"]["format"] = "something-else"
         text = json.dumps(header).encode()
@@ -118,7 +135,23 @@ def damaged(tmp_path, how):
     return path
 
 
-@pytest.mark.parametrize("how", ["truncated", "short", "length", "json", "values", "format"])
+@pytest.mark.parametrize(
+    "how",
+    [
+        "truncated",
+        "short",
+        "length",
+        "json",
+        "values",
+        "format",
+        "nested",
+        "duplicate",
+        "overlap",
+        "float shape",
+        "order",
+        "metadata",
+    ],
+)
 def test_a_damaged_file_is_one_clear_error_naming_it(how, tmp_path):
     path = damaged(tmp_path, how)
     with pytest.raises(PipelineError, match=rf"^compact model file {path}: "):
