@@ -34,7 +34,9 @@ def run(params: Params, paths: io.Paths) -> None:
         raise RuntimeError("export: the compact file does not restore the state_dict")
     before = accuracy(model, splits.test)
     model.load_state_dict(restored)
-    after, (zeros, total) = accuracy(model, splits.test), zero_count(model)
+    # the restored weights are the model's own unless export.dtype rounded them
+    after = accuracy(model, splits.test) if dtype is not None else before
+    zeros, total = zero_count(model)
     dense_bytes = source.stat().st_size
     metrics = {
         "dense_bytes": dense_bytes,
