@@ -24,10 +24,11 @@ import numpy as np
 import torch
 import torchvision
 
-from pipeline.allocation import Problem, allocate, kept_budget
-from pipeline.distortion import DistortionCurves, sparsity_grid
-from pipeline.layers import macs_per_weight, prunable_numel
-from pipeline.mckp import solve_mckp
+from pipeline.allocation.mckp import solve_mckp
+from pipeline.allocation.methods import allocate
+from pipeline.allocation.problem import Problem, kept_budget
+from pipeline.nn.layers import macs_per_weight, prunable_numel
+from pipeline.profiling.distortion import DistortionCurves, sparsity_grid
 
 
 def layer_sizes(name: str) -> tuple[list[str], np.ndarray, np.ndarray]:

@@ -27,10 +27,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_profile import load_resnet20, run_engine, torchvision_model  # noqa: E402
 
-from pipeline.allocation import predicted_distortion  # noqa: E402
-from pipeline.device import exact_cuda  # noqa: E402
-from pipeline.distortion import sparsity_grid  # noqa: E402
-from pipeline.evaluation import predict_logits  # noqa: E402
+from pipeline.allocation.problem import predicted_distortion
+from pipeline.nn.device import exact_cuda
+from pipeline.nn.evaluation import predict_logits
+from pipeline.profiling.distortion import sparsity_grid
 
 
 def option(name: str, default: str) -> str:

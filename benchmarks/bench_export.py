@@ -25,13 +25,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_profile import SHARED, load_resnet20  # noqa: E402
 
-from pipeline.config import DataParams  # noqa: E402
-from pipeline.data import load_dataset  # noqa: E402
-from pipeline.evaluation import accuracy  # noqa: E402
-from pipeline.export import load_compact, onnx_bytes, save_compact  # noqa: E402
-from pipeline.layers import prunable_numel  # noqa: E402
-from pipeline.masking import apply_masks  # noqa: E402
-from pipeline.models import build_model  # noqa: E402
+from pipeline.config.sections import DataParams
+from pipeline.edges.export import load_compact, onnx_bytes, save_compact
+from pipeline.nn.data import load_dataset
+from pipeline.nn.evaluation import accuracy
+from pipeline.nn.layers import prunable_numel
+from pipeline.nn.models import build_model
+from pipeline.pruning.masking import apply_masks
 
 
 def global_masks(model: torch.nn.Module, sparsity: float) -> dict[str, torch.Tensor]:

@@ -86,10 +86,10 @@ def run_job(job: tuple[argparse.Namespace, str, int]) -> dict:
     import yaml
 
     torch.set_num_threads(args.threads)
-    from pipeline import io
-    from pipeline.data import load_dataset
-    from pipeline.evaluation import predict_logits
-    from pipeline.stage import load_model
+    from pipeline.edges import io, params_file
+    from pipeline.edges.stage import load_model
+    from pipeline.nn.data import load_dataset
+    from pipeline.nn.evaluation import predict_logits
     from stages import baseline, calibrate, schedule
 
     params = job_params(args, variant, seed)
@@ -101,7 +101,7 @@ def run_job(job: tuple[argparse.Namespace, str, int]) -> dict:
             if stage.main(["--root", str(root)]) != 0:
                 raise SystemExit(f"{variant} seed {seed}: stage {stage.__name__} failed")
         paths = io.Paths(root)
-        p = io.read_params(paths.params)
+        p = params_file.read_params(paths.params)
         test = load_dataset(p.data).test
         images = torch.stack([test[i][0] for i in range(len(test))])
         labels = torch.tensor([test[i][1] for i in range(len(test))])

@@ -28,14 +28,15 @@ import numpy as np
 import ray
 import torch
 
-from pipeline import io
-from pipeline.config import Params, RayParams
-from pipeline.distortion import sparsity_grid
-from pipeline.evaluation import predict_logits
-from pipeline.layers import macs_per_weight, prunable_numel
-from pipeline.models import build_model
-from pipeline.stage import profile_curves
-from pipeline.workunits import layer_costs, plan_units, profile_unit
+from pipeline.config.params import Params
+from pipeline.config.runtime import RayParams
+from pipeline.edges import tables
+from pipeline.edges.profile_run import profile_curves
+from pipeline.nn.evaluation import predict_logits
+from pipeline.nn.layers import macs_per_weight, prunable_numel
+from pipeline.nn.models import build_model
+from pipeline.profiling.distortion import sparsity_grid
+from pipeline.profiling.workunits import layer_costs, plan_units, profile_unit
 
 
 def params_for(levels: int, backend: str, work_units: int = RayParams.work_units) -> Params:
@@ -52,7 +53,7 @@ def table_bytes(curves) -> bytes:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "t.parquet"
-        io.write_distortion(path, curves, {})
+        tables.write_distortion(path, curves, {})
         return path.read_bytes()
 
 

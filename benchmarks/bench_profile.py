@@ -46,11 +46,11 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from pipeline.device import exact_cuda
-from pipeline.distortion import profile_layer, sparsity_grid
-from pipeline.evaluation import predict_logits
-from pipeline.layers import prunable_numel
-from pipeline.models import build_model, load_weights, normalize_state_dict
+from pipeline.nn.device import exact_cuda
+from pipeline.nn.evaluation import predict_logits
+from pipeline.nn.layers import prunable_numel
+from pipeline.nn.models import build_model, load_weights, normalize_state_dict
+from pipeline.profiling.distortion import profile_layer, sparsity_grid
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 H100_FP32_PEAK = 67e12  # H100 SXM, fp32 without tensor cores (TF32 is off), FLOP/s
@@ -133,13 +133,14 @@ def stage_path(args) -> None:
 
     import yaml
 
-    from pipeline import io
-    from pipeline.config import load_params
-    from pipeline.stage import load_model, profile_curves
+    from pipeline.config.params import load_params
+    from pipeline.edges import io, params_file
+    from pipeline.edges.profile_run import profile_curves
+    from pipeline.edges.stage import load_model
 
     root = args.stage.resolve().parent
     paths = io.Paths(root)
-    mapping = io.read_params_mapping(args.stage)
+    mapping = params_file.read_params_mapping(args.stage)
     for item in args.set:  # --set section.key=value (a YAML value)
         key, _, value = item.partition("=")
         section, _, name = key.partition(".")

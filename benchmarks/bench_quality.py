@@ -36,12 +36,12 @@ import torch
 import yaml
 from torch.utils.data import DataLoader
 
-from pipeline import io
-from pipeline.batchnorm import BN_RULES
-from pipeline.config import load_params
-from pipeline.data import load_dataset
-from pipeline.evaluation import output_distortion, predict_logits
-from pipeline.stage import load_model
+from pipeline.config.params import load_params
+from pipeline.edges import io, params_file
+from pipeline.edges.stage import load_model
+from pipeline.nn.data import load_dataset
+from pipeline.nn.evaluation import output_distortion, predict_logits
+from pipeline.pruning.batchnorm import BN_RULES
 from stages import allocate, baseline, calibrate, profile, prune
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,7 +94,9 @@ def run(root: Path, params: dict, *stages) -> None:
 
 def test_logits(root: Path, checkpoint: Path, images: torch.Tensor) -> torch.Tensor:
     """(N, 10) logits of the model in ``checkpoint`` (this run's architecture) on the test set."""
-    model = load_model(io.read_params(root / "params.yaml"), checkpoint, 3, 10, "checkpoint")
+    model = load_model(
+        params_file.read_params(root / "params.yaml"), checkpoint, 3, 10, "checkpoint"
+    )
     return predict_logits(model, images, 256)
 
 
@@ -304,7 +306,9 @@ def main() -> None:
                 rows.setdefault(variant, {})
                 for ratio in ratios:
                     m = prune_at(variant, params, "rd", seed, ratio)
-                    chosen = io.read_table_metadata(io.Paths(root).allocation)["rdprune.selected"]
+                    chosen = tables.read_table_metadata(io.Paths(root).allocation)[
+                        "rdprune.selected"
+                    ]
                     rows[variant][seed, ratio] = (
                         f"{100 * m['accuracy']:5.1f} "
                         f"({m['predicted_distortion']:.3g}/{m['measured_distortion']:.3g})"

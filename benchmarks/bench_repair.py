@@ -1,4 +1,4 @@
-"""Repair benchmark: wall time of the prune stage's repair walk (pipeline.repair) alone.
+"""Repair benchmark: wall time of the prune stage's repair walk (pipeline.pruning.repair) alone.
 
 The public pretrained CIFAR ResNet-20 and the CIFAR-10 subset in ../shared (skipped, and said
 so, when absent), global-magnitude masks at the given ratios, ``--images`` repair images drawn
@@ -19,13 +19,14 @@ from pathlib import Path
 
 import torch
 
-from pipeline.config import DataParams, load_params
-from pipeline.data import calibration_subset, load_dataset
-from pipeline.evaluation import accuracy
-from pipeline.layers import prunable_layers
-from pipeline.masking import apply_masks, magnitude_masks
-from pipeline.models import build_model, load_weights, normalize_state_dict
-from pipeline.repair import Recovery
+from pipeline.config.params import load_params
+from pipeline.config.sections import DataParams
+from pipeline.nn.data import calibration_subset, load_dataset
+from pipeline.nn.evaluation import accuracy
+from pipeline.nn.layers import prunable_layers
+from pipeline.nn.models import build_model, load_weights, normalize_state_dict
+from pipeline.pruning.masking import apply_masks, magnitude_masks
+from pipeline.pruning.repair import Recovery
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

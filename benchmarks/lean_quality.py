@@ -22,13 +22,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.allocation import Problem, allocate, layer_bounds
-from pipeline.batchnorm import BN_TYPES, batchnorms
-from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
-from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
-from pipeline.masking import apply_masks, magnitude_masks
-from pipeline.models import build_model, load_weights, normalize_state_dict
-from pipeline.refine import dense_moments, recalibrated_logits, refine_allocation
+from pipeline.allocation.methods import allocate
+from pipeline.allocation.problem import Problem, layer_bounds
+from pipeline.allocation.refine import dense_moments, recalibrated_logits, refine_allocation
+from pipeline.nn.layers import macs_per_weight, prunable_layers, prunable_numel
+from pipeline.nn.models import build_model, load_weights, normalize_state_dict
+from pipeline.profiling.distortion import DistortionCurves, profile_layer, sparsity_grid
+from pipeline.pruning.batchnorm import BN_TYPES, batchnorms
+from pipeline.pruning.masking import apply_masks, magnitude_masks
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 BASELINES = ("global", "lamp", "erk", "uniform", "uniform_plus")

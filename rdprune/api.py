@@ -9,16 +9,17 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from pipeline.allocation import ALLOCATORS, Allocation, Problem, layer_bounds
-from pipeline.allocation import allocate as _allocate
-from pipeline.config import ProfileParams
-from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
-from pipeline.evaluation import predict_logits
-from pipeline.export import load_compact
-from pipeline.export import save_compact as _save_compact
-from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
-from pipeline.masking import apply_masks, magnitude_masks
-from pipeline.repair import OBJECTIVES, Recovery
+from pipeline.allocation.methods import ALLOCATORS
+from pipeline.allocation.methods import allocate as _allocate
+from pipeline.allocation.problem import Allocation, Problem, layer_bounds
+from pipeline.config.sections import ProfileParams
+from pipeline.edges.export import load_compact
+from pipeline.edges.export import save_compact as _save_compact
+from pipeline.nn.evaluation import predict_logits
+from pipeline.nn.layers import macs_per_weight, prunable_layers, prunable_numel
+from pipeline.profiling.distortion import DistortionCurves, profile_layer, sparsity_grid
+from pipeline.pruning.masking import apply_masks, magnitude_masks
+from pipeline.pruning.repair import OBJECTIVES, Recovery
 
 __all__ = ["allocate", "load_compact", "profile", "prune", "save_compact"]
 

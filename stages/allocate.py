@@ -6,24 +6,18 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pipeline import io
-from pipeline.allocation import pareto_front
-from pipeline.config import Params
-from pipeline.layers import prunable_numel
-from pipeline.plots import allocations_figure, pareto_figure
-from pipeline.stage import (
-    allocation_problem,
-    choose_allocation,
-    load_model,
-    log,
-    other_methods,
-    run_stage,
-)
+from pipeline.allocation.methods import pareto_front
+from pipeline.config.params import Params
+from pipeline.edges import io, tables
+from pipeline.edges.choose import allocation_problem, choose_allocation, other_methods
+from pipeline.edges.plots import allocations_figure, pareto_figure
+from pipeline.edges.stage import load_model, log, run_stage
+from pipeline.nn.layers import prunable_numel
 
 
 def run(params: Params, paths: io.Paths) -> None:
-    curves = io.read_distortion(paths.distortion)
-    meta = io.read_table_metadata(paths.distortion)
+    curves = tables.read_distortion(paths.distortion)
+    meta = tables.read_table_metadata(paths.distortion)
     channels, classes = int(meta["rdprune.in_channels"]), int(meta["rdprune.num_classes"])
     model = load_model(params, paths.baseline, channels, classes, "baseline checkpoint")
     problem = allocation_problem(params, curves, model)
@@ -49,8 +43,8 @@ def run(params: Params, paths: io.Paths) -> None:
         "rdprune.distortion": params.allocate.distortion,
         "rdprune.selected": chosen,
     }
-    io.write_allocation(paths.allocation, allocation, extra)
-    io.write_pareto(paths.pareto, front, extra)
+    tables.write_allocation(paths.allocation, allocation, extra)
+    tables.write_pareto(paths.pareto, front, extra)
     io.write_csv(
         paths.plot("allocation"),
         ["layer", "sparsity", "kept", "numel", "predicted_distortion"],

@@ -7,13 +7,13 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline import io
-from pipeline.config import Params
-from pipeline.data import load_dataset
-from pipeline.evaluation import accuracy
-from pipeline.models import build_model
-from pipeline.stage import adopt_checkpoint, log, log_epoch, run_stage, stage_device
-from pipeline.training import train
+from pipeline.config.params import Params
+from pipeline.edges import io
+from pipeline.edges.stage import adopt_checkpoint, log, log_epoch, run_stage, stage_device
+from pipeline.nn.data import load_dataset
+from pipeline.nn.evaluation import accuracy
+from pipeline.nn.models import build_model
+from pipeline.nn.training import train
 
 
 def run(params: Params, paths: io.Paths) -> None:

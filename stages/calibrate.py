@@ -5,11 +5,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pipeline import io
-from pipeline.config import Params
-from pipeline.data import CALIBRATION_SOURCES, load_dataset
-from pipeline.evaluation import accuracy, predict_logits
-from pipeline.stage import load_model, log, run_stage
+from pipeline.config.params import Params
+from pipeline.edges import io
+from pipeline.edges.stage import load_model, log, run_stage
+from pipeline.nn.data import CALIBRATION_SOURCES, load_dataset
+from pipeline.nn.evaluation import accuracy, predict_logits
 
 
 def run(params: Params, paths: io.Paths) -> None:

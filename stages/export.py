@@ -8,14 +8,14 @@ from collections.abc import Sequence
 
 import torch
 
-from pipeline import io
-from pipeline.config import Params
-from pipeline.data import load_dataset
-from pipeline.evaluation import accuracy
-from pipeline.export import ONNX_OPSET, load_compact, onnx_bytes, onnx_check, save_compact
-from pipeline.layers import prunable_numel
-from pipeline.masking import zero_count
-from pipeline.stage import load_model, log, run_stage
+from pipeline.config.params import Params
+from pipeline.edges import io
+from pipeline.edges.export import ONNX_OPSET, load_compact, onnx_bytes, onnx_check, save_compact
+from pipeline.edges.stage import load_model, log, run_stage
+from pipeline.nn.data import load_dataset
+from pipeline.nn.evaluation import accuracy
+from pipeline.nn.layers import prunable_numel
+from pipeline.pruning.masking import zero_count
 
 
 def run(params: Params, paths: io.Paths) -> None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pipeline import io
-from pipeline.config import Params
-from pipeline.data import load_dataset
-from pipeline.evaluation import accuracy
-from pipeline.masking import masks_from_zeros, zero_count
-from pipeline.stage import load_model, log, log_epoch, run_stage
-from pipeline.training import train
+from pipeline.config.params import Params
+from pipeline.edges import io
+from pipeline.edges.stage import load_model, log, log_epoch, run_stage
+from pipeline.nn.data import load_dataset
+from pipeline.nn.evaluation import accuracy
+from pipeline.nn.training import train
+from pipeline.pruning.masking import masks_from_zeros, zero_count
 
 
 def run(params: Params, paths: io.Paths) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pipeline import io
-from pipeline.config import Params
-from pipeline.parallel import Placement
-from pipeline.plots import distortion_curves_figure
-from pipeline.stage import load_model, log, placement_summary, profile_curves, run_stage
+from pipeline.config.params import Params
+from pipeline.edges import io, tables
+from pipeline.edges.parallel.tasks import Placement
+from pipeline.edges.plots import distortion_curves_figure
+from pipeline.edges.profile_run import placement_summary, profile_curves
+from pipeline.edges.stage import load_model, log, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:
@@ -24,7 +25,7 @@ def run(params: Params, paths: io.Paths) -> None:
         "rdprune.in_channels": str(inputs.shape[1]),
         "rdprune.num_classes": str(reference.shape[1]),
     }
-    io.write_distortion(paths.distortion, curves, meta)
+    tables.write_distortion(paths.distortion, curves, meta)
     io.write_figure(paths.figure("distortion_curves"), distortion_curves_figure(curves))
     metrics = {"layers": len(curves.layers), "levels": len(curves.sparsity)}
     io.write_metrics(paths.metrics("profile"), metrics)

@@ -7,18 +7,18 @@ import copy
 import sys
 from collections.abc import Sequence
 
-from pipeline import io
-from pipeline.config import Params
-from pipeline.data import load_dataset
-from pipeline.evaluation import accuracy, output_distortion, predict_logits
-from pipeline.layers import prunable_numel, unpruned_matrices, weight_matrices
-from pipeline.masking import apply_masks, magnitude_masks, zero_count
-from pipeline.plots import joint_distortion_figure
-from pipeline.stage import load_model, log, recovery, recovery_images, run_stage
+from pipeline.config.params import Params
+from pipeline.edges import io, tables
+from pipeline.edges.plots import joint_distortion_figure
+from pipeline.edges.stage import load_model, log, recovery, recovery_images, run_stage
+from pipeline.nn.data import load_dataset
+from pipeline.nn.evaluation import accuracy, output_distortion, predict_logits
+from pipeline.nn.layers import prunable_numel, unpruned_matrices, weight_matrices
+from pipeline.pruning.masking import apply_masks, magnitude_masks, zero_count
 
 
 def run(params: Params, paths: io.Paths) -> None:
-    allocation = io.read_allocation(paths.allocation)
+    allocation = tables.read_allocation(paths.allocation)
     inputs, _, reference = io.read_calibration(paths.calibration)
     splits = load_dataset(params.data)
     dense = load_model(

@@ -11,20 +11,20 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pipeline
-from pipeline import io
-from pipeline.allocation import NEEDS_CURVES
-from pipeline.config import Params
-from pipeline.parallel import session
-from pipeline.rounds import report_round, round_setup
-from pipeline.schedule import round_key, run_round
-from pipeline.stage import log, run_stage
+from pipeline.allocation.methods import NEEDS_CURVES
+from pipeline.config.params import Params
+from pipeline.edges import io, rounds
+from pipeline.edges.parallel.tasks import session
+from pipeline.edges.rounds import report_round, round_setup
+from pipeline.edges.stage import log, run_stage
+from pipeline.pruning.schedule import round_key, run_round
 
 
 def run(params: Params, paths: io.Paths) -> None:
     setup = round_setup(params, paths)
     model = setup.start
     # round 1's key: the inputs' bytes and the code's (a code change recomputes every round)
-    code = [*sorted(Path(pipeline.__file__).parent.glob("*.py")), Path(__file__)]
+    code = [*sorted(Path(pipeline.__file__).parent.rglob("*.py")), Path(__file__)]
     key = io.content_hash([paths.baseline, paths.calibration, *code])
     entries, seconds = [], []
     # one Ray instance for every round's profile, only if some round profiles
@@ -32,7 +32,7 @@ def run(params: Params, paths: io.Paths) -> None:
     with session(params.ray) if profiles else contextlib.nullcontext():
         for k in range(1, params.schedule.rounds + 1):
             key = round_key(key, k, setup.key_settings)
-            stored = io.read_round(paths.round(k), key)
+            stored = rounds.read_round(paths.round(k), key)
             if stored is not None:  # finished before, under the same settings: resume after it
                 state, _, metrics = stored
                 model.load_state_dict(state)
@@ -40,13 +40,13 @@ def run(params: Params, paths: io.Paths) -> None:
             else:
                 result = run_round(model, k, setup.settings, setup.inputs, **setup.steps(k))
                 model, metrics = result.model, {**result.metrics, "key": key}
-                io.write_round(
+                rounds.write_round(
                     paths.round(k), model.state_dict(), result.allocation, metrics, setup.meta
                 )
                 seconds.append({"round": k, **result.seconds})
                 report_round(k, metrics, setup.slack)
             entries.append({n: v for n, v in metrics.items() if n != "key"})
-    for k, stale in io.round_folders(paths.rounds).items():
+    for k, stale in rounds.round_folders(paths.rounds).items():
         if k > params.schedule.rounds:  # past the schedule's end: another schedule's rounds
             shutil.rmtree(stale)
     paths.rounds.mkdir(parents=True, exist_ok=True)

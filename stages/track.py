@@ -12,11 +12,12 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pipeline import io, tracking
-from pipeline.config import Params
+from pipeline.config.params import Params
+from pipeline.edges import io, tracking
+from pipeline.edges.result import result_metrics, result_record
+from pipeline.edges.rounds import schedule_files, schedule_record
+from pipeline.edges.stage import log, run_stage
 from pipeline.errors import PipelineError
-from pipeline.rounds import schedule_files, schedule_record
-from pipeline.stage import log, result_metrics, result_record, run_stage
 
 
 def run(params: Params, paths: io.Paths) -> None:

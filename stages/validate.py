@@ -12,11 +12,11 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from pipeline import io, tracking
-from pipeline.config import Params, defaults
+from pipeline.config.params import Params, defaults
+from pipeline.edges import io, params_file, tracking
+from pipeline.edges.preflight import check_data_and_model, check_dvc_params, model_code_digest
+from pipeline.edges.stage import log, run_stage
 from pipeline.errors import PipelineError
-from pipeline.preflight import check_data_and_model, check_dvc_params, model_code_digest
-from pipeline.stage import log, run_stage
 
 
 def check_tracking_store(params: Params, paths: io.Paths) -> str:
@@ -41,7 +41,7 @@ def check_tracking_store(params: Params, paths: io.Paths) -> str:
 
 
 def run(params: Params, paths: io.Paths) -> None:
-    check_dvc_params(io.read_params_mapping(paths.params), paths.root / "dvc.yaml")
+    check_dvc_params(params_file.read_params_mapping(paths.params), paths.root / "dvc.yaml")
     uri = check_tracking_store(params, paths)
     splits = check_data_and_model(params)
     io.write_metrics(paths.defaults, defaults())

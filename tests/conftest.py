@@ -9,9 +9,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import io
-from pipeline.evaluation import predict_logits
-from pipeline.models import build_model
+from pipeline.edges import io
+from pipeline.nn.evaluation import predict_logits
+from pipeline.nn.models import build_model
 from stages import (
     allocate,
     baseline,

@@ -3,18 +3,11 @@ import itertools
 import numpy as np
 import pytest
 
-from pipeline.allocation import (
-    ALLOCATORS,
-    Problem,
-    allocate,
-    kept_budget,
-    layer_bounds,
-    pareto_front,
-    predicted_distortion,
-)
-from pipeline.distortion import DistortionCurves, sparsity_grid
+from pipeline.allocation.mckp import solve_mckp
+from pipeline.allocation.methods import ALLOCATORS, allocate, pareto_front
+from pipeline.allocation.problem import Problem, kept_budget, layer_bounds, predicted_distortion
 from pipeline.errors import PipelineError
-from pipeline.mckp import solve_mckp
+from pipeline.profiling.distortion import DistortionCurves, sparsity_grid
 
 
 def brute_force(costs: np.ndarray, value: np.ndarray, budgets) -> float:

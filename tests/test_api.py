@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import rdprune
-from pipeline.layers import prunable_numel
-from pipeline.masking import zero_count
+from pipeline.nn.layers import prunable_numel
+from pipeline.pruning.masking import zero_count
 from tests.models_zoo import TinyResNet, randomized
 
 ROOT = Path(__file__).resolve().parents[1]

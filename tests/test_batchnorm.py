@@ -7,15 +7,15 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.batchnorm import (
+from pipeline.nn.layers import prunable_numel
+from pipeline.pruning.batchnorm import (
     BN_RULES,
     batchnorms,
     input_moments,
     recalibrate_bn,
     relative_stats,
 )
-from pipeline.layers import prunable_numel
-from pipeline.masking import apply_masks, magnitude_masks
+from pipeline.pruning.masking import apply_masks, magnitude_masks
 from tests.models_zoo import TinyResNet, randomized
 
 

@@ -27,9 +27,9 @@ import psutil
 import pytest
 import yaml
 
-from pipeline.config import RayParams
+from pipeline.config.runtime import RayParams
+from pipeline.edges.parallel.tasks import plan_resources
 from pipeline.errors import PipelineError
-from pipeline.parallel import plan_resources
 from stages import baseline, calibrate, profile
 
 pytestmark = pytest.mark.slow
@@ -393,14 +393,14 @@ def test_default_gpus_per_task_follows_the_cluster():
     ],
 )
 def test_bad_ray_params_name_the_key(ray, message):
-    from pipeline.config import load_params
+    from pipeline.config.params import load_params
 
     with pytest.raises(PipelineError, match=message):
         load_params({"ray": ray})
 
 
 def test_ray_address_env_is_honoured_only_when_ray_address_is_null(monkeypatch):
-    from pipeline.parallel import _target
+    from pipeline.edges.parallel.cluster import _target
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert _target(RayParams()) is None

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import defaults, flatten, load_params, param_keys
+from pipeline.config.params import defaults, flatten, load_params, param_keys
 from pipeline.errors import PipelineError
 
 REPO = Path(__file__).resolve().parents[1]

@@ -8,16 +8,18 @@ import yaml
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from pipeline import batchnorm, evaluation, layers, training
-from pipeline.batchnorm import ChannelMoments
-from pipeline.config import TrainParams, load_params
-from pipeline.device import model_device, resolve_device
-from pipeline.distortion import profile_layer, sparsity_grid
+from pipeline.config.params import load_params
+from pipeline.config.sections import TrainParams
 from pipeline.errors import PipelineError
-from pipeline.evaluation import predict_logits
-from pipeline.layers import prunable_numel
-from pipeline.patches import PatchMoments
-from pipeline.suffix import SuffixRunner
+from pipeline.nn import evaluation, layers, training
+from pipeline.nn.device import model_device, resolve_device
+from pipeline.nn.evaluation import predict_logits
+from pipeline.nn.layers import prunable_numel
+from pipeline.profiling.distortion import profile_layer, sparsity_grid
+from pipeline.profiling.suffix import SuffixRunner
+from pipeline.pruning import batchnorm
+from pipeline.pruning.batchnorm import ChannelMoments
+from pipeline.pruning.patches import PatchMoments
 from stages import baseline, profile
 from tests.models_zoo import TinyResNet, randomized
 
@@ -205,7 +207,7 @@ def test_out_of_memory_halves_the_levels_per_pass_and_gives_the_same_table(monke
         return run(self, frontier, weights, bn_stats)
 
     monkeypatch.setattr(SuffixRunner, "run", run_small_only)
-    caplog.set_level("INFO", logger="pipeline.distortion")
+    caplog.set_level("INFO", logger="pipeline.profiling.fast")
     got = _fast_table(model, inputs, reference)
     assert "fast engine unavailable" not in caplog.text  # never the naive engine
     assert "out of GPU memory with 8 levels per pass; now 4" in caplog.text

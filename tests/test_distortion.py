@@ -3,8 +3,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.distortion import profile_layer, sparsity_grid
-from pipeline.evaluation import output_distortion, predict_logits
+from pipeline.nn.evaluation import output_distortion, predict_logits
+from pipeline.profiling.distortion import profile_layer, sparsity_grid
 
 
 def tiny_linear() -> nn.Module:

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-import pipeline.stage
+import pipeline.edges.stage
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = {
@@ -26,7 +26,7 @@ FAST = {
     "finetune": {"epochs": 2},
     "ray": {"num_cpus": 2},
 }
-STAGES = list(pipeline.stage.STAGES)  # dvc.yaml's stages, in order
+STAGES = list(pipeline.edges.stage.STAGES)  # dvc.yaml's stages, in order
 ALWAYS = ["validate", "track"]  # always_changed: they run on every repro
 
 pytestmark = pytest.mark.slow

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
+from pipeline.edges.export import load_compact, onnx_bytes, onnx_check, save_compact
 from pipeline.errors import PipelineError
-from pipeline.export import load_compact, onnx_bytes, onnx_check, save_compact
-from pipeline.layers import prunable_numel
-from pipeline.masking import apply_masks, magnitude_masks
-from pipeline.models import build_model
+from pipeline.nn.layers import prunable_numel
+from pipeline.nn.models import build_model
+from pipeline.pruning.masking import apply_masks, magnitude_masks
 from tests.models_zoo import TinyDenseNet, TinyMLP, TinyResNet, randomized
 
 ZOO = {

@@ -14,12 +14,12 @@ import yaml
 from PIL import Image
 from torch import nn
 
-from pipeline import io
-from pipeline.config import load_params
+from pipeline.config.params import load_params
+from pipeline.edges import io, params_file, tables
+from pipeline.edges.preflight import model_code_digest
 from pipeline.errors import PipelineError
-from pipeline.layers import macs_per_weight, unpruned_matrices
-from pipeline.models import build_model
-from pipeline.preflight import model_code_digest
+from pipeline.nn.layers import macs_per_weight, unpruned_matrices
+from pipeline.nn.models import build_model
 from stages import allocate, baseline, prune, track, validate
 from tests.conftest import write_params
 from tests.test_models_data import write_image_folder
@@ -66,7 +66,7 @@ def test_values_checked_before_any_work(mapping, message):
 def test_floats_are_read_as_dvc_reads_them(tmp_path):
     """PyYAML reads `1e-1` as a string; DVC (YAML 1.2) as a number: so does the pipeline."""
     (tmp_path / "params.yaml").write_text("finetune:\n  lr: 1e-2\nprune:\n  ratio: 5e-1\n")
-    params = io.read_params(tmp_path / "params.yaml")
+    params = params_file.read_params(tmp_path / "params.yaml")
     assert params.finetune.lr == 0.01 and params.prune.ratio == 0.5
 
 
@@ -75,7 +75,7 @@ def test_yaml_is_read_as_dvc_reads_it(tmp_path):
     256), a key given twice is an error; a file that is not UTF-8 is one line."""
     path = tmp_path / "params.yaml"
     path.write_text("seed: 017\nprune:\n  ratio: 0.5\n")
-    assert io.read_params(path).seed == 17
+    assert params_file.read_params(path).seed == 17
     for text, message in [
         ("profile:\n  reconstruct: yes\n", r"profile.reconstruct = 'yes'"),
         ("calibrate:\n  samples: 4:16\n", r"calibrate.samples = '4:16'"),
@@ -83,10 +83,10 @@ def test_yaml_is_read_as_dvc_reads_it(tmp_path):
     ]:
         path.write_text(text)
         with pytest.raises(PipelineError, match=message):
-            io.read_params(path)
+            params_file.read_params(path)
     path.write_bytes(b"\xff\xfe garbage")
     with pytest.raises(PipelineError, match="is not UTF-8 text"):
-        io.read_params(path)
+        params_file.read_params(path)
 
 
 @pytest.mark.parametrize(
@@ -281,7 +281,7 @@ def test_a_locked_mlflow_store_is_one_line(project, tmp_path, capsys, monkeypatc
 
 RACE = """
 import sys
-from pipeline import tracking
+from pipeline.edges import tracking
 record = tracking.RunRecord({"a": 1}, {"m": 1.0}, {}, {}, [], {})
 tracking.log_result(tracking_uri=sys.argv[1], experiment="e", key=sys.argv[2], exp_name="",
                     run_name=sys.argv[2], record=record)
@@ -367,15 +367,15 @@ def test_an_attention_model_through_the_stages(tmp_path, monkeypatch, caplog):
             assert stage.main(["--root", str(root)]) == 0, stage.__name__
     assert "attn.in_proj_weight" in caplog.text and "stay dense" in caplog.text
     paths = io.Paths(root)
-    macs = io.read_distortion(paths.distortion).macs_per_weight.tolist()
+    macs = tables.read_distortion(paths.distortion).macs_per_weight.tolist()
     assert macs == [8, 8, 1]  # embed and out_proj once per token, the head once
     metrics = io.read_metrics(paths.metrics("prune"))
     assert 0 < metrics["sparsity_all_weight_matrices"] < metrics["sparsity"]
-    from pipeline.stage import result_record
+    from pipeline.edges.result import result_record
     from stages import finetune
 
     assert finetune.main(["--root", str(root)]) == 0
-    logged = result_record(io.read_params(paths.params), paths).metrics  # what MLflow gets
+    logged = result_record(params_file.read_params(paths.params), paths).metrics  # what MLflow gets
     for key in ("sparsity", "sparsity_all_weight_matrices", "measured_distortion_max"):
         assert logged[key] == pytest.approx(metrics[key]), key
     source = tmp_path / "attnmodel.py"  # outside the project: named by its absolute path

@@ -5,11 +5,11 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.distortion import profile_layer, sparsity_grid
-from pipeline.evaluation import predict_logits
-from pipeline.layers import prunable_numel
-from pipeline.models import build_model
-from pipeline.suffix import SuffixRunner
+from pipeline.nn.evaluation import predict_logits
+from pipeline.nn.layers import prunable_numel
+from pipeline.nn.models import build_model
+from pipeline.profiling.distortion import profile_layer, sparsity_grid
+from pipeline.profiling.suffix import SuffixRunner
 from tests.models_zoo import TinyDenseNet, TinyMLP, TinyResNet, randomized
 
 CASES = {
@@ -110,7 +110,7 @@ def test_repaired_curves_fast_equals_naive_and_lie_below_the_plain_ones(
 
 def test_fast_on_a_partially_pruned_model(caplog):
     """Progressive rounds re-profile a pruned model against the dense reference."""
-    from pipeline.masking import apply_masks, magnitude_masks
+    from pipeline.pruning.masking import apply_masks, magnitude_masks
 
     model = randomized(TinyResNet())
     inputs = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(2))

@@ -6,11 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipeline import io
-from pipeline.allocation import Problem, allocate
-from pipeline.distortion import DistortionCurves, sparsity_grid
+from pipeline.allocation.methods import allocate
+from pipeline.allocation.problem import Problem
+from pipeline.edges import io, tables
 from pipeline.errors import PipelineError
-from pipeline.models import build_model, load_weights, normalize_state_dict
+from pipeline.nn.models import build_model, load_weights, normalize_state_dict
+from pipeline.profiling.distortion import DistortionCurves, sparsity_grid
 
 
 def make_curves() -> DistortionCurves:
@@ -28,16 +29,16 @@ def make_curves() -> DistortionCurves:
 
 def test_distortion_roundtrip_schema_and_bytes(tmp_path):
     curves = make_curves()
-    io.write_distortion(tmp_path / "d.parquet", curves, {"rdprune.arch": "x"})
-    io.write_distortion(tmp_path / "e.parquet", curves, {"rdprune.arch": "x"})
+    tables.write_distortion(tmp_path / "d.parquet", curves, {"rdprune.arch": "x"})
+    tables.write_distortion(tmp_path / "e.parquet", curves, {"rdprune.arch": "x"})
     assert (tmp_path / "d.parquet").read_bytes() == (tmp_path / "e.parquet").read_bytes()
     table = pq.read_table(tmp_path / "d.parquet")
     assert table.num_rows == 15
     assert table.schema.field("layer").type == pa.string()
     assert table.schema.field("numel").type == pa.int64()
-    assert table.schema.metadata[b"rdprune.schema_version"] == io.SCHEMA_VERSION.encode()
+    assert table.schema.metadata[b"rdprune.schema_version"] == tables.SCHEMA_VERSION.encode()
     assert table.column("flops").to_pylist()[:5] == [144, 112, 64, 32, 0]  # kept x MACs per weight
-    back = io.read_distortion(tmp_path / "d.parquet")
+    back = tables.read_distortion(tmp_path / "d.parquet")
     assert back.layers == curves.layers
     assert np.array_equal(back.mean, curves.mean) and np.array_equal(back.max, curves.max)
     assert np.array_equal(back.sparsity, curves.sparsity) and np.array_equal(
@@ -49,34 +50,34 @@ def test_allocation_roundtrip(tmp_path):
     allocation = allocate(
         "rd", Problem(make_curves(), "mean", {"params": 0.5}, np.zeros(3), np.ones(3))
     )
-    io.write_allocation(tmp_path / "a.parquet", allocation, {})
-    back = io.read_allocation(tmp_path / "a.parquet")
+    tables.write_allocation(tmp_path / "a.parquet", allocation, {})
+    back = tables.read_allocation(tmp_path / "a.parquet")
     assert back.layers == allocation.layers and np.array_equal(back.kept, allocation.kept)
     assert np.array_equal(back.sparsity, allocation.sparsity)
     assert (
         np.array_equal(back.flops, allocation.flops) and back.lower_bound == allocation.lower_bound
     )
-    io.write_pareto(tmp_path / "p.parquet", [(0.5, allocation), (0.7, allocation)], {})
+    tables.write_pareto(tmp_path / "p.parquet", [(0.5, allocation), (0.7, allocation)], {})
     table = pq.read_table(tmp_path / "p.parquet")
     assert table.num_rows == 6 and table.column("ratio").to_pylist() == [0.5] * 3 + [0.7] * 3
 
 
 def test_missing_level_and_corrupt_tables_are_rejected(tmp_path):
     path = tmp_path / "d.parquet"
-    io.write_distortion(path, make_curves(), {})
+    tables.write_distortion(path, make_curves(), {})
     table = pq.read_table(path)
     pq.write_table(table.slice(0, 14), tmp_path / "short.parquet")
     with pytest.raises(PipelineError, match="every level"):
-        io.read_distortion(tmp_path / "short.parquet")
+        tables.read_distortion(tmp_path / "short.parquet")
     (tmp_path / "bad.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(PipelineError, match="corrupt or not Parquet"):
-        io.read_distortion(tmp_path / "bad.parquet")
+        tables.read_distortion(tmp_path / "bad.parquet")
     with pytest.raises(PipelineError, match="run the profile stage"):
-        io.read_distortion(tmp_path / "missing.parquet")
+        tables.read_distortion(tmp_path / "missing.parquet")
     old = table.replace_schema_metadata({b"rdprune.schema_version": b"0"})
     pq.write_table(old, tmp_path / "old.parquet")
     with pytest.raises(PipelineError, match="schema version"):
-        io.read_distortion(tmp_path / "old.parquet")
+        tables.read_distortion(tmp_path / "old.parquet")
 
 
 def test_atomic_write_leaves_no_partial_file(tmp_path, monkeypatch):

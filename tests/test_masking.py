@@ -2,8 +2,8 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.layers import prunable_layers
-from pipeline.masking import (
+from pipeline.nn.layers import prunable_layers
+from pipeline.pruning.masking import (
     apply_masks,
     magnitude_mask,
     magnitude_masks,

@@ -8,17 +8,18 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.config import DataParams, load_params, param_keys
-from pipeline.data import (
+from pipeline.config.params import load_params, param_keys
+from pipeline.config.sections import DataParams
+from pipeline.errors import PipelineError
+from pipeline.nn.data import (
     CIFAR10_MEAN,
     CIFAR10_STD,
     calibration_subset,
     load_dataset,
     synthetic_inputs,
 )
-from pipeline.errors import PipelineError
-from pipeline.layers import macs_per_weight, prunable_numel
-from pipeline.models import build_model, load_weights, normalize_state_dict
+from pipeline.nn.layers import macs_per_weight, prunable_numel
+from pipeline.nn.models import build_model, load_weights, normalize_state_dict
 
 PRESETS = sorted((Path(__file__).resolve().parents[1] / "presets").glob("*.yaml"))
 

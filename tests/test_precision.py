@@ -7,14 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline import device as device_module
-from pipeline.batchnorm import BN_TYPES
-from pipeline.config import ProfileParams
-from pipeline.distortion import profile_layer, sparsity_grid
+from pipeline.config.sections import ProfileParams
 from pipeline.errors import PipelineError
-from pipeline.evaluation import predict_logits
-from pipeline.layers import prunable_numel
-from pipeline.suffix import SuffixRunner
+from pipeline.nn import device as device_module
+from pipeline.nn.evaluation import predict_logits
+from pipeline.nn.layers import prunable_numel
+from pipeline.profiling.distortion import profile_layer, sparsity_grid
+from pipeline.profiling.suffix import SuffixRunner
+from pipeline.pruning.batchnorm import BN_TYPES
 from tests.models_zoo import TinyResNet, randomized
 
 

@@ -2,13 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.allocation import Problem, kept_budget
-from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
-from pipeline.evaluation import predict_logits
-from pipeline.layers import macs_per_weight, prunable_numel
-from pipeline.masking import masks_from_zeros, pruned_count
-from pipeline.models import build_model
-from pipeline.progressive import progressive_allocation, step_ratios
+from pipeline.allocation.problem import Problem, kept_budget
+from pipeline.allocation.progressive import progressive_allocation, step_ratios
+from pipeline.nn.evaluation import predict_logits
+from pipeline.nn.layers import macs_per_weight, prunable_numel
+from pipeline.nn.models import build_model
+from pipeline.profiling.distortion import DistortionCurves, profile_layer, sparsity_grid
+from pipeline.pruning.masking import masks_from_zeros, pruned_count
 
 
 def test_step_ratios():

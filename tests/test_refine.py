@@ -5,21 +5,23 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.allocation import Problem, allocate, layer_bounds, solve_mckp
-from pipeline.batchnorm import recalibrate_bn
-from pipeline.config import load_params
-from pipeline.distortion import DistortionCurves, sparsity_grid
-from pipeline.errors import PipelineError
-from pipeline.evaluation import per_sample_distortion, predict_logits
-from pipeline.layers import prunable_numel
-from pipeline.masking import apply_masks, magnitude_masks, masks_from_zeros
-from pipeline.refine import (
+from pipeline.allocation.mckp import solve_mckp
+from pipeline.allocation.methods import allocate
+from pipeline.allocation.problem import Problem, layer_bounds
+from pipeline.allocation.refine import (
     exchange_moves,
     holdout_split,
     measured_objective,
     refine,
     refine_allocation,
 )
+from pipeline.config.params import load_params
+from pipeline.errors import PipelineError
+from pipeline.nn.evaluation import per_sample_distortion, predict_logits
+from pipeline.nn.layers import prunable_numel
+from pipeline.profiling.distortion import DistortionCurves, sparsity_grid
+from pipeline.pruning.batchnorm import recalibrate_bn
+from pipeline.pruning.masking import apply_masks, magnitude_masks, masks_from_zeros
 from tests.models_zoo import TinyResNet, randomized
 
 RNG = np.random.default_rng(0)
@@ -246,7 +248,7 @@ NO_REPAIR = {"prune": {"reconstruct": None}, "profile": {"reconstruct": False}}
 def test_allocate_stage_refines_rd_and_reports_it(project, tmp_path):
     import shutil
 
-    from pipeline import io
+    from pipeline.edges import io, tables
     from stages import allocate
     from tests.conftest import write_params
 
@@ -263,5 +265,5 @@ def test_allocate_stage_refines_rd_and_reports_it(project, tmp_path):
     assert metrics["refine.fit_end"] <= metrics["refine.fit_start"]
     assert metrics["refine.heldout_end"] <= metrics["refine.heldout_start"]
     assert 1 <= metrics["refine.evaluations"] <= 12
-    assert io.read_table_metadata(paths.allocation)["rdprune.selected"] == "rd+refine"
-    assert metrics["kept"] <= round(0.4 * io.read_allocation(paths.allocation).numel.sum())
+    assert tables.read_table_metadata(paths.allocation)["rdprune.selected"] == "rd+refine"
+    assert metrics["kept"] <= round(0.4 * tables.read_allocation(paths.allocation).numel.sum())

@@ -13,12 +13,12 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import io, tracking
-from pipeline.allocation import check_same_layers
+from pipeline.allocation.mckp import solve_mckp
+from pipeline.allocation.problem import check_same_layers
+from pipeline.edges import io, tables, tracking
+from pipeline.edges.plots import allocations_figure, distortion_curves_figure, pareto_figure
 from pipeline.errors import PipelineError
-from pipeline.mckp import solve_mckp
-from pipeline.models import build_model, normalize_state_dict, resolve_model
-from pipeline.plots import allocations_figure, distortion_curves_figure, pareto_figure
+from pipeline.nn.models import build_model, normalize_state_dict, resolve_model
 from stages import allocate, track, validate
 from tests.conftest import resolved_dvc_yaml, write_params
 
@@ -66,16 +66,16 @@ def test_pareto_sweep_skips_and_reports_ratios_the_limits_forbid(
 def test_progressive_allocation_recovers_only_as_the_prune_stage_does(
     project, tmp_path, monkeypatch
 ):
-    import pipeline.repair
+    import pipeline.pruning.repair
 
     calls = []
-    real = pipeline.repair.Recovery.__call__
+    real = pipeline.pruning.repair.Recovery.__call__
 
     def spy(self, *args):
         calls.append((self.objective, self.bn_rule))
         return real(self, *args)
 
-    monkeypatch.setattr(pipeline.repair.Recovery, "__call__", spy)
+    monkeypatch.setattr(pipeline.pruning.repair.Recovery, "__call__", spy)
     plain = {"reconstruct": None}
     off = {"prune": {"bn_recalibration": 0, **plain}, "profile": {"bn_correction": False}}
     bn_only = {"prune": plain}
@@ -253,10 +253,10 @@ def test_a_deleted_experiment_is_one_line_at_the_start(project, tmp_path, capsys
 # ------------------------------------------------------------------ readers reject clearly
 def test_distortion_table_of_another_model_is_one_line(project, tmp_path, capsys):
     paths = copy_project(project, tmp_path / "d")
-    curves = io.read_distortion(paths.distortion)
-    meta = io.read_table_metadata(paths.distortion)
+    curves = tables.read_distortion(paths.distortion)
+    meta = tables.read_table_metadata(paths.distortion)
     renamed = type(curves)(**{**curves.__dict__, "layers": ["x", *curves.layers[1:]]})
-    io.write_distortion(paths.distortion, renamed, meta)
+    tables.write_distortion(paths.distortion, renamed, meta)
     before = paths.allocation.read_bytes()
     assert allocate.main(["--root", str(paths.root)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
@@ -267,11 +267,11 @@ def test_distortion_table_of_another_model_is_one_line(project, tmp_path, capsys
 
 def test_negative_distortion_is_rejected(project, tmp_path, capsys):
     paths = copy_project(project, tmp_path / "n")
-    curves = io.read_distortion(paths.distortion)
+    curves = tables.read_distortion(paths.distortion)
     mean = curves.mean.copy()
     mean[1, 2] = -999.0
     bad = type(curves)(**{**curves.__dict__, "mean": mean})
-    io.write_distortion(paths.distortion, bad, io.read_table_metadata(paths.distortion))
+    tables.write_distortion(paths.distortion, bad, tables.read_table_metadata(paths.distortion))
     assert allocate.main(["--root", str(paths.root)]) == 2
     assert re.search(
         r"error: .*distortion of layer .* is -999.0; allowed: finite values >= 0",
@@ -304,10 +304,10 @@ def test_figures_are_written_byte_deterministically(project):
     paths = io.Paths(project)
     for figure in paths.figures():
         assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", figure
-    curves = io.read_distortion(paths.distortion)
+    curves = tables.read_distortion(paths.distortion)
     fig = distortion_curves_figure(curves)
     assert len(fig.axes[0].lines) == len(curves.layers) and fig.axes[0].get_yscale() == "log"
-    allocation = io.read_allocation(paths.allocation)
+    allocation = tables.read_allocation(paths.allocation)
     fig = allocations_figure({"rd": allocation, "same": allocation}, 0.6)
     assert len(fig.axes[0].patches) == 2 * len(allocation.layers)
     fig = pareto_figure([0.5, 0.6], [1.0, 2.0], 0.6)
@@ -321,8 +321,8 @@ def test_training_reports_each_epoch_as_it_ends():
     import torch
     from torch.utils.data import TensorDataset
 
-    from pipeline.config import TrainParams
-    from pipeline.training import train
+    from pipeline.config.sections import TrainParams
+    from pipeline.nn.training import train
 
     events = []
     data = TensorDataset(torch.randn(32, 4), torch.randint(0, 3, (32,)))
@@ -351,7 +351,7 @@ def test_every_imported_package_is_declared():
     own = {"pipeline", "stages", "tests"}
     imported = set()
     for folder in ("pipeline", "stages"):
-        for path in (REPO / folder).glob("*.py"):
+        for path in (REPO / folder).rglob("*.py"):
             for node in ast.walk(ast.parse(path.read_text())):
                 if isinstance(node, ast.Import):
                     imported |= {a.name.split(".")[0] for a in node.names}
@@ -383,13 +383,13 @@ def test_a_second_sigterm_cannot_cut_the_clean_up_short():
     stage, later ones are ignored while it cleans up (e.g. ends its MLflow run FAILED)."""
     import signal
 
-    from pipeline.stage import _raise_on_sigterm
+    from pipeline.edges.supervise import raise_on_sigterm
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
-        signal.signal(signal.SIGTERM, _raise_on_sigterm)
+        signal.signal(signal.SIGTERM, raise_on_sigterm)
         with pytest.raises(SystemExit) as info:
-            _raise_on_sigterm(signal.SIGTERM, None)
+            raise_on_sigterm(signal.SIGTERM, None)
         assert info.value.code == 128 + signal.SIGTERM
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
@@ -399,9 +399,9 @@ def test_a_second_sigterm_cannot_cut_the_clean_up_short():
 def test_dvc_yaml_names_its_paths_once_and_its_stages_in_order():
     """Every artifact path comes from pipeline/paths.yaml (``${paths.*}``), and the stages are
     those the code lists (timings, MLflow), in the same order."""
-    import pipeline.stage
+    import pipeline.edges.stage
 
     text = (REPO / "dvc.yaml").read_text()
     body = text[text.index("stages:") :]
     assert not re.findall(r"(?<![\w/{.])(artifacts|metrics|plots|timings)/", body)
-    assert list(resolved_dvc_yaml()["stages"]) == list(pipeline.stage.STAGES)
+    assert list(resolved_dvc_yaml()["stages"]) == list(pipeline.edges.stage.STAGES)

@@ -1,6 +1,6 @@
-"""Repair (pipeline/repair.py, ridge.py) against brute force: explicit least squares on the design
-matrix each layer's output is linear in, built here from the layer itself (one basis weight
-at a time), not from the unfolding the repair uses."""
+"""Repair (pipeline/pruning/repair.py, ridge.py) against brute force: explicit least squares
+on the design matrix each layer's output is linear in, built here from the layer itself (one
+basis weight at a time), not from the unfolding the repair uses."""
 
 import copy
 
@@ -8,12 +8,17 @@ import pytest
 import torch
 from torch import nn
 
-from pipeline.batchnorm import BN_RULES, batchnorms, input_moments
-from pipeline.evaluation import output_distortion, predict_logits
-from pipeline.layers import prunable_layers
-from pipeline.masking import apply_masks, magnitude_masks
-from pipeline.repair import RepairStats, augmented_weight, equations_solution, repair_network
-from pipeline.ridge import damping_of, solve
+from pipeline.nn.evaluation import output_distortion, predict_logits
+from pipeline.nn.layers import prunable_layers
+from pipeline.pruning.batchnorm import BN_RULES, batchnorms, input_moments
+from pipeline.pruning.masking import apply_masks, magnitude_masks
+from pipeline.pruning.repair import (
+    RepairStats,
+    augmented_weight,
+    equations_solution,
+    repair_network,
+)
+from pipeline.pruning.ridge import damping_of, solve
 from tests.models_zoo import TinyMLP, TinyResNet, randomized
 
 LAYERS = {

@@ -9,18 +9,19 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import io
-from pipeline.allocation import Problem, allocate, kept_budget, predicted_distortion, spend_slack
-from pipeline.config import load_params
-from pipeline.distortion import DistortionCurves, profile_layer, sparsity_grid
+from pipeline.allocation.methods import allocate, spend_slack
+from pipeline.allocation.problem import Problem, kept_budget, predicted_distortion
+from pipeline.config.params import load_params
+from pipeline.edges import io, rounds
+from pipeline.edges.profile_run import profile_curves
 from pipeline.errors import PipelineError
-from pipeline.evaluation import per_sample_distortion, predict_logits
-from pipeline.layers import macs_per_weight, prunable_layers, prunable_numel
-from pipeline.masking import apply_masks, magnitude_masks, mask_pruning
-from pipeline.models import build_model
-from pipeline.repair import Recovery
-from pipeline.schedule import RoundSettings, run_round, target_sparsity
-from pipeline.stage import profile_curves
+from pipeline.nn.evaluation import per_sample_distortion, predict_logits
+from pipeline.nn.layers import macs_per_weight, prunable_layers, prunable_numel
+from pipeline.nn.models import build_model
+from pipeline.profiling.distortion import DistortionCurves, profile_layer, sparsity_grid
+from pipeline.pruning.masking import apply_masks, magnitude_masks, mask_pruning
+from pipeline.pruning.repair import Recovery
+from pipeline.pruning.schedule import RoundSettings, run_round, target_sparsity
 from stages import schedule
 from tests.conftest import write_params
 
@@ -372,7 +373,7 @@ def test_track_logs_one_parent_run_per_schedule_with_a_run_per_round(
 ):
     import mlflow
 
-    from pipeline import tracking
+    from pipeline.edges import tracking
     from stages import track
 
     root = tmp_path / "tracked"
@@ -416,7 +417,6 @@ def test_track_logs_one_parent_run_per_schedule_with_a_run_per_round(
 
 def test_a_code_or_device_change_recomputes_the_rounds(project, tmp_path, monkeypatch):
     import pipeline
-    from pipeline import rounds
 
     paths = schedule_project(project, tmp_path / "code", rounds=1, epochs=0)
     assert schedule.main(["--root", str(paths.root)]) == 0
@@ -432,7 +432,9 @@ def test_a_code_or_device_change_recomputes_the_rounds(project, tmp_path, monkey
     assert calls == []  # same code, same device: reused
     edited = tmp_path / "edited" / "pipeline"
     shutil.copytree(Path(pipeline.__file__).parent, edited)
-    (edited / "schedule.py").write_text((edited / "schedule.py").read_text() + "\n# edit\n")
+    (edited / "pruning" / "schedule.py").write_text(
+        (edited / "pruning" / "schedule.py").read_text() + "\n# edit\n"
+    )
     monkeypatch.setattr(pipeline, "__file__", str(edited / "__init__.py"))
     assert schedule.main(["--root", str(paths.root)]) == 0
     assert calls == [1]  # the library changed: computed again

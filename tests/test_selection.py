@@ -3,12 +3,12 @@ import copy
 import numpy as np
 import torch
 
-from pipeline.allocation import Allocation
-from pipeline.evaluation import output_distortion, predict_logits
-from pipeline.layers import prunable_numel
-from pipeline.masking import apply_masks, magnitude_masks, masks_from_zeros
-from pipeline.repair import Recovery
-from pipeline.selection import measured_distortion, select_measured
+from pipeline.allocation.problem import Allocation
+from pipeline.allocation.selection import measured_distortion, select_measured
+from pipeline.nn.evaluation import output_distortion, predict_logits
+from pipeline.nn.layers import prunable_numel
+from pipeline.pruning.masking import apply_masks, magnitude_masks, masks_from_zeros
+from pipeline.pruning.repair import Recovery
 from tests.models_zoo import TinyResNet, randomized
 
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline import io
-from pipeline.config import load_params
-from pipeline.data import load_dataset
-from pipeline.evaluation import accuracy
-from pipeline.models import build_model
+from pipeline.config.params import load_params
+from pipeline.edges import io, tables
+from pipeline.nn.data import load_dataset
+from pipeline.nn.evaluation import accuracy
+from pipeline.nn.models import build_model
 from stages import allocate, baseline, profile, prune
 from tests.conftest import STAGES, write_params
 
@@ -26,7 +26,7 @@ def test_outputs_and_metrics(project):
     assert {"layer", "numel", "level", "sparsity", "distortion", "distortion_max"} <= set(
         table.column_names
     )
-    allocation = io.read_allocation(paths.allocation)
+    allocation = tables.read_allocation(paths.allocation)
     assert allocation.layers == ["conv1", "conv2", "conv3", "conv4", "fc"]
     prune_metrics = io.read_metrics(paths.metrics("prune"))
     assert prune_metrics["sparsity"] >= 0.6
@@ -51,7 +51,7 @@ def test_outputs_and_metrics(project):
 
 
 def test_export_is_compact_exact_and_checked(project):
-    from pipeline.export import load_compact
+    from pipeline.edges.export import load_compact
 
     paths = io.Paths(project)
     metrics = io.read_metrics(paths.metrics("export"))
@@ -129,9 +129,9 @@ def test_mismatched_allocation_and_corrupt_calibration(project, tmp_path, capsys
     root = tmp_path / "mismatch"
     shutil.copytree(project, root)
     paths = io.Paths(root)
-    allocation = io.read_allocation(paths.allocation)
+    allocation = tables.read_allocation(paths.allocation)
     renamed = dataclasses.replace(allocation, layers=["x", *allocation.layers[1:]])
-    io.write_allocation(paths.allocation, renamed, {})
+    tables.write_allocation(paths.allocation, renamed, {})
     pruned_before = paths.pruned.read_bytes()
     assert prune.main(["--root", str(root)]) == 2
     assert "different model" in capsys.readouterr().err
@@ -183,7 +183,7 @@ def test_allocate_and_prune_with_every_method_and_budget(project, tmp_path, sett
         assert metrics["flops_reduction"] >= 0.6
     if budget == "both":
         assert metrics["flops_reduction"] >= 0.5
-    allocation = io.read_allocation(paths.allocation)
+    allocation = tables.read_allocation(paths.allocation)
     if "exclude" in settings:
         assert allocation.sparsity[0] == 0 and allocation.sparsity[-1] == 0  # conv1, fc dense
         assert (allocation.sparsity <= 0.9).all()
@@ -219,7 +219,7 @@ def test_imagefolder_cifar_resnet_with_synthetic_calibration(tmp_path):
     assert inputs.shape == (12, 3, 32, 32) and torch.equal(labels, reference.argmax(1))
     metrics = io.read_metrics(io.Paths(tmp_path).metrics("prune"))
     assert metrics["sparsity"] >= 0.5 and "accuracy_before_repair" in metrics
-    assert len(io.read_allocation(io.Paths(tmp_path).allocation).layers) == 20
+    assert len(tables.read_allocation(io.Paths(tmp_path).allocation).layers) == 20
 
 
 def test_allocate_selects_among_candidates_by_measured_distortion(project, tmp_path):
@@ -233,7 +233,7 @@ def test_allocate_selects_among_candidates_by_measured_distortion(project, tmp_p
         k.split(".", 1)[1]: v for k, v in metrics.items() if k.startswith("measured_distortion.")
     }
     assert set(measured) == {"rd", "global", "lamp"}
-    selected = io.read_table_metadata(paths.allocation)["rdprune.selected"]
+    selected = tables.read_table_metadata(paths.allocation)["rdprune.selected"]
     assert selected == min(measured, key=measured.get)
     assert prune.main(["--root", str(root)]) == 0
     assert io.read_metrics(paths.metrics("prune"))["sparsity"] >= 0.6
@@ -281,7 +281,7 @@ def test_prune_repairs_deterministically_and_the_repair_lowers_the_distortion(pr
     assert metrics["measured_distortion"] < metrics["measured_distortion_before_repair"]
     state, dense = torch.load(paths.pruned), torch.load(paths.baseline)
     # every layer from the first pruned one on is re-solved (those before it, to themselves)
-    allocation = io.read_allocation(paths.allocation)
+    allocation = tables.read_allocation(paths.allocation)
     first = int(np.flatnonzero(allocation.kept < allocation.numel)[0])
     for name in allocation.layers[first:]:
         keep = state[f"{name}.weight"] != 0
@@ -311,8 +311,8 @@ def test_bad_bn_recalibration_mode_is_one_error_line(project, tmp_path, capsys):
 def test_the_device_is_logged_once_per_process(caplog):
     import logging
 
-    from pipeline.config import Params
-    from pipeline.stage import _announce_device, stage_device
+    from pipeline.config.params import Params
+    from pipeline.edges.stage import _announce_device, stage_device
 
     _announce_device.cache_clear()
     caplog.set_level(logging.INFO)

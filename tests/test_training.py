@@ -1,10 +1,10 @@
 import torch
 from torch.utils.data import TensorDataset
 
-from pipeline.config import TrainParams
-from pipeline.masking import apply_masks, magnitude_masks, masks_from_zeros
-from pipeline.models import build_model
-from pipeline.training import train
+from pipeline.config.sections import TrainParams
+from pipeline.nn.models import build_model
+from pipeline.nn.training import train
+from pipeline.pruning.masking import apply_masks, magnitude_masks, masks_from_zeros
 
 
 def test_masked_training_keeps_pruned_weights_exactly_zero():

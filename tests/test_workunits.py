@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline import io
-from pipeline.config import Params, RayParams
+from pipeline.config.params import Params
+from pipeline.config.runtime import RayParams
+from pipeline.edges import tables
+from pipeline.edges.parallel.tasks import run_tasks
+from pipeline.edges.profile_run import profile_curves
 from pipeline.errors import PipelineError
-from pipeline.evaluation import predict_logits
-from pipeline.parallel import run_tasks
-from pipeline.stage import profile_curves
-from pipeline.workunits import WorkUnit, assemble, layer_costs, plan_units, profile_unit
+from pipeline.nn.evaluation import predict_logits
+from pipeline.profiling.workunits import WorkUnit, assemble, layer_costs, plan_units, profile_unit
 from tests.conftest import tiny_profile_task
 from tests.models_zoo import TinyResNet, randomized
 
@@ -60,7 +61,7 @@ def test_table_is_the_same_whatever_the_split(tmp_path):
     model = randomized(TinyResNet()).eval()
     inputs = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
     reference = predict_logits(model, inputs, 8)
-    tables = []
+    written = []
     for units in (1, 7, 1000):
         params = Params(
             profile=dataclasses.replace(
@@ -69,9 +70,9 @@ def test_table_is_the_same_whatever_the_split(tmp_path):
             ray=RayParams(backend="serial", work_units=units),
         )
         path = tmp_path / f"{units}.parquet"
-        io.write_distortion(path, profile_curves(params, model, inputs, reference), {})
-        tables.append(path.read_bytes())
-    assert tables[0] == tables[1] == tables[2]
+        tables.write_distortion(path, profile_curves(params, model, inputs, reference), {})
+        written.append(path.read_bytes())
+    assert written[0] == written[1] == written[2]
 
 
 def test_a_failing_unit_is_one_error_naming_layer_and_levels():
