@@ -22,8 +22,9 @@ fast engine executes and the fast engine's achieved FLOP/s (torch's FlopCounterM
 8-image run, scaled by the number of images; convolutions and matrix products, 2 FLOPs per
 multiply-accumulate), and the largest relative difference between the two tables.
 
-``--stage params.yaml`` instead times the profile stage's own code path (``stage.profile_curves``:
-the Ray backend and work units, BN correction, repair and precision the params set) on the
+``--stage params.yaml`` instead times the profile stage's own code path
+(``profile_run.profile_curves``: the Ray backend and work units, BN correction, repair and
+precision the params set) on the
 artifacts a ``dvc repro -s calibrate`` left there, naive then fast in one process; ``--set
 profile.precision=bf16`` overrides a param (``--set ray.backend=serial`` where Ray is absent).
 
@@ -125,7 +126,7 @@ def run_engine(model, inputs, reference, grid, engine, args, layers=None):
 
 def stage_path(args) -> None:
     """Time exactly what ``dvc repro -f -s profile`` runs, engine by engine, in one process:
-    ``stage.profile_curves`` on the params file's settings (Ray backend and work units, BN
+    ``profile_run.profile_curves`` on the params file's settings (Ray backend and work units, BN
     correction, repair, precision), on the baseline and calibration artifacts a previous
     ``dvc repro`` left in the project. Not timed: starting Python, reading the artifacts,
     writing the table and its figure."""

@@ -49,3 +49,12 @@ def test_readme_links_into_the_docs_resolve():
     assert links, "the README links into the docs"
     for link in links:
         assert (REPO / link).is_file(), link
+
+
+def test_the_params_page_renders_every_meaning_whole(site):
+    """Pipes, braces and angle brackets of the generated table survive Markdown: no stray
+    backslash, no example eaten as attributes, no text taken for an HTML tag."""
+    page = (site / "reference" / "params.html").read_text()
+    assert "\\|" not in page
+    assert '&#123;"conv1": [0, 0]' in page  # allocate.limits' example
+    assert "sqlite:///&lt;project root&gt;/mlflow.db" in page

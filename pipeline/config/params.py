@@ -34,7 +34,7 @@ from pipeline.errors import PipelineError
 @dataclass(frozen=True)
 class Params:
     seed: int = 0
-    """training init/shuffling and calibration sampling"""
+    """training init/shuffling and calibration sampling; allowed: an integer in [0, 2**32 - 1]"""
     device: str = "auto"
     """auto (a CUDA GPU if there is one, else the CPU) | cpu | cuda | cuda:N; every stage runs the
     model there"""

@@ -80,14 +80,17 @@ def yaml_value(value: Any) -> str:
 
 
 def _cell(text: str) -> str:
-    return text.replace("|", "\\|")
+    """Text for a Markdown table cell: a pipe would end the cell, ``{...}`` would be read as
+    attributes (attr_list) and ``<...>`` as HTML."""
+    return text.replace("|", "\\|").replace("{", "&#123;").replace("<", "&lt;")
 
 
 def _table(docs: list[ParamDoc]) -> list[str]:
     rows = ["| key | type | default | meaning |", "|---|---|---|---|"]
     for d in docs:
-        default = _cell(yaml_value(d.default))
-        rows.append(f"| `{d.key}` | `{_cell(d.type)}` | `{default}` | {_cell(d.doc)} |")
+        default = yaml_value(d.default).replace("|", "\\|")  # in a code span: no entities
+        # the type outside backticks: an escaped pipe inside a code span keeps its backslash
+        rows.append(f"| `{d.key}` | {_cell(d.type)} | `{default}` | {_cell(d.doc)} |")
     return rows
 
 

@@ -18,17 +18,17 @@ class RayParams:
     """null: private local Ray (or $RAY_ADDRESS if exported); "auto" / "host:port" /
     "ray://host:port": a cluster (docs/clusters.md)"""
     num_cpus: int | None = None
-    """local instance only; null: all cores"""
+    """local instance only; null: all cores; allowed: null or an integer > 0"""
     cpus_per_task: float = 1.0
-    """CPUs each profiling task reserves"""
+    """CPUs each profiling task reserves; allowed: a number > 0"""
     gpus_per_task: float | None = None
     """GPUs each task reserves (0.25: four tasks share a GPU); null: 1 if the cluster has GPUs, else
-    0"""
+    0; allowed: null, a number in [0, 1] or a whole number of GPUs"""
     max_retries: int = 3
-    """re-runs of a task whose worker process or node died"""
+    """re-runs of a task whose worker process or node died; allowed: an integer >= 0"""
     work_units: int = 16
     """the profile is cut into about this many units (a layer or a range of its levels); ~4x the
-    GPUs on big clusters"""
+    GPUs on big clusters; allowed: an integer >= 1"""
 
     def validate(self) -> None:
         from pipeline.edges.parallel.cluster import parse_address

@@ -44,13 +44,14 @@ class DataParams:
     root: str | None = None
     """directory of on-disk datasets (unused by digits)"""
     test_fraction: float = 0.2
-    """digits: held-out share of the 1,797 images (fixed split)"""
+    """digits: held-out share of the 1,797 images (fixed split); allowed: a number in [0.05, 0.5]"""
     mean: list[float] | None = None
     """per-channel normalisation; null: the dataset's default"""
     std: list[float] | None = None
     """per-channel normalisation, with mean; null: the dataset's default"""
     image_size: int | None = None
-    """null: images as they are (CIFAR recipe); N: resize + centre crop to N (ImageNet)"""
+    """null: images as they are (CIFAR recipe); N: resize + centre crop to N (ImageNet); allowed:
+    null or an integer in [1, 4096]"""
 
     def validate(self) -> None:
         from pipeline.nn.data import DATASETS
@@ -78,15 +79,15 @@ class TrainParams:
     """Shared by `baseline` and `finetune`: SGD with momentum, cosine learning-rate decay."""
 
     epochs: int = 10
-    """passes over the training split"""
+    """passes over the training split; allowed: an integer >= 0"""
     batch_size: int = 64
-    """images per SGD step"""
+    """images per SGD step; allowed: an integer > 0"""
     lr: float = 0.05
-    """initial learning rate (cosine decay)"""
+    """initial learning rate (cosine decay); allowed: a number > 0"""
     momentum: float = 0.9
-    """SGD momentum"""
+    """SGD momentum; allowed: a number in [0, 1)"""
     weight_decay: float = 5e-4
-    """L2 weight decay"""
+    """L2 weight decay; allowed: a number in [0, 1]"""
 
     def validate(self, section: str) -> None:
         if self.epochs < 0:
@@ -101,10 +102,11 @@ class TrainParams:
 class CalibrateParams:
     # Not `size`: DVC's run-cache key drops every param named `size` or `nfiles`.
     samples: int = 256
-    """calibration images drawn (seeded) from the training split"""
+    """calibration images drawn (seeded) from the training split; allowed: an integer in [1,
+    1000000]"""
     batch_size: int = 256
     """images per forward pass on the calibration set (reference logits, BatchNorm recalibration,
-    repair)"""
+    repair); allowed: an integer > 0"""
     source: str = "data"
     """data | synthetic (standard-normal inputs: zero-data calibration)"""
 
@@ -119,15 +121,17 @@ class CalibrateParams:
 @dataclass(frozen=True)
 class ProfileParams:
     levels: int = 41
-    """sparsity grid points per layer: 0, 1/(levels-1), ..., 1"""
+    """sparsity grid points per layer: 0, 1/(levels-1), ..., 1; allowed: an integer in [2, 10001]"""
     batch_size: int = 32
-    """calibration images per pass (small batches stay in CPU caches)"""
+    """calibration images per pass (small batches stay in CPU caches); allowed: an integer > 0"""
     threads: int = 1
-    """torch threads per profiling task (fixed: identical tables on every backend)"""
+    """torch threads per profiling task (fixed: identical tables on every backend); allowed: an
+    integer > 0"""
     engine: str = "fast"
     """fast: recompute only what the pruned layer changes | naive: full forward per level"""
     memory_mb: int = 64
-    """bound on one batched multi-level pass of the fast engine (raise on a GPU)"""
+    """bound on one batched multi-level pass of the fast engine (raise on a GPU); allowed: an
+    integer > 0"""
     bn_correction: bool = True
     """per level, correct the consuming BatchNorm's statistics by prune.bn_recalibration_mode
     (curves match the prune stage)"""
@@ -168,15 +172,18 @@ class AllocateParams:
     budget: str = "params"
     """params | flops | both: what prune.ratio removes (weights / MACs)"""
     flops_ratio: float | None = None
-    """budget `both` only: fraction of MACs removed (prune.ratio: of weights)"""
+    """budget `both` only: fraction of MACs removed (prune.ratio: of weights); allowed: null, or
+    with budget both a number in [0, 1)"""
     limits: dict[str, list[float]] = field(default_factory=dict)
     """glob -> [min, max] sparsity, e.g. {"conv1": [0, 0], "fc": [0, 0.8]}"""
     exclude: list[str] = field(default_factory=list)
     """globs of layers kept dense, e.g. ["conv1"]"""
     pareto_ratios: list[float] = field(default_factory=lambda: list(PARETO_RATIOS))
-    """prune.ratio values of the Pareto sweep the allocate stage plots (plots/pareto.csv)"""
+    """prune.ratio values of the Pareto sweep the allocate stage plots (plots/pareto.csv); allowed:
+    a non-empty list of numbers in [0, 1)"""
     steps: int = 1
-    """progressive: reach prune.ratio in k steps, re-profiling between them (1: one-shot)"""
+    """progressive: reach prune.ratio in k steps, re-profiling between them (1: one-shot); allowed:
+    an integer >= 1"""
     candidates: list[str] = field(default_factory=list)
     """methods whose allocations compete with `method` by measured joint distortion (after the prune
     stage's repair / BN recalibration on the calibration set; with repair one repair per
@@ -185,13 +192,14 @@ class AllocateParams:
     """null | mse | ce | kl: refine rd's DP optimum by measured pairwise exchanges of grid steps
     between layers (beyond the paper; docs/methods.md#refinement)"""
     refine_evals: int = 100
-    """most measured evaluations (masked forward passes with BN recalibration) of the refinement"""
+    """most measured evaluations (masked forward passes with BN recalibration) of the refinement;
+    allowed: an integer >= 1"""
     refine_rounds: int = 2
     """first, re-solve the DP on curves rescaled per layer to their measured effect in context (one
-    probe per layer each)"""
+    probe per layer each); allowed: an integer >= 0"""
     refine_holdout: float = 0.5
     """share of the calibration set held out: a move must lower the objective on the rest and not
-    raise it here"""
+    raise it here; allowed: a number in (0, 1)"""
 
     def validate(self) -> None:
         from pipeline.allocation.methods import ALLOCATORS
@@ -252,7 +260,8 @@ class PruneParams:
     # statistics are set during the repair, on its images: this only switches that on or off.
     bn_recalibration: int = 512
     """training images to re-estimate BatchNorm statistics on after masking; 0: off (with
-    prune.reconstruct they are set during the repair, on its images: this only switches that)"""
+    prune.reconstruct they are set during the repair, on its images: this only switches that);
+    allowed: an integer >= 0"""
     bn_recalibration_mode: str = "relative"
     """relative: correct only the shift pruning causes against the dense model on the same images |
     absolute: re-estimate from scratch"""
@@ -261,10 +270,11 @@ class PruneParams:
     dense network's layer output | layerwise: to the dense weights on the pruned input
     (SparseGPT/OBC form)"""
     reconstruct_samples: int = 1024
-    """training images the repair fits each layer on (seeded, evaluation transforms)"""
+    """training images the repair fits each layer on (seeded, evaluation transforms); allowed: an
+    integer >= 1"""
     reconstruct_damping: float = 0.01
     """ridge pulling the re-solved weights toward the dense ones, x the mean diagonal of the layer's
-    input Gram matrix"""
+    input Gram matrix; allowed: a number >= 0"""
 
     def validate(self) -> None:
         from pipeline.pruning.batchnorm import BN_RULES
@@ -294,11 +304,14 @@ class ScheduleParams:
     """Iterative pruning (pipeline/pruning/schedule.py): round k reaches 1 - (1 - amount)^k."""
 
     rounds: int = 0
-    """0: one-shot only; N: N rounds of re-profile, allocate (masks only grow), prune, retrain"""
+    """0: one-shot only; N: N rounds of re-profile, allocate (masks only grow), prune, retrain;
+    allowed: an integer >= 0"""
     amount: float = 0.2
-    """fraction of the remaining weights (MACs with allocate.budget flops) removed per round"""
+    """fraction of the remaining weights (MACs with allocate.budget flops) removed per round;
+    allowed: a number in (0, 1)"""
     epochs: int = 2
-    """masked retraining epochs per round (finetune's batch_size, lr, momentum, weight_decay)"""
+    """masked retraining epochs per round (finetune's batch_size, lr, momentum, weight_decay);
+    allowed: an integer >= 0"""
 
     def validate(self) -> None:
         if self.rounds < 0:

@@ -279,7 +279,7 @@ def onnx_bytes(model: torch.nn.Module, example: torch.Tensor) -> bytes:
     import logging
 
     batch = torch.export.Dim("batch", min=1)
-    for name in ("torch.onnx", "torch.export", "onnxscript"):  # progress lines, not news
+    for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir"):  # progress, not news
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
         program = torch.onnx.export(
