@@ -2,13 +2,12 @@
 the one home of a param's meaning): the docs page and the comments of params.yaml and the
 presets must say exactly what the dataclasses say."""
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 
 from pipeline.config import reference
-from pipeline.config.params import Params
+from pipeline.config.params import Params, flatten
 from pipeline.config.reference import annotate, markdown, param_docs, yaml_value
 
 REPO = Path(__file__).resolve().parents[1]
@@ -17,13 +16,7 @@ PARAM_FILES = [REPO / "params.yaml", *sorted((REPO / "presets").glob("*.yaml"))]
 
 def test_every_param_has_a_documented_meaning_type_and_default():
     docs = {d.key: d for d in param_docs()}
-    flat = {}
-    for f in dataclasses.fields(Params):
-        value = getattr(Params(), f.name)
-        if dataclasses.is_dataclass(value):
-            flat |= {f"{f.name}.{k}": v for k, v in dataclasses.asdict(value).items()}
-        else:
-            flat[f.name] = value
+    flat = flatten(Params())
     assert {k for k, d in docs.items() if not d.section} == set(flat)
     for key, value in flat.items():
         assert docs[key].default == value and len(docs[key].doc.split()) >= 2, key

@@ -29,7 +29,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="compare only; exit 1 on a difference")
     args = parser.parse_args()
-    stale = [p for p, text in expected().items() if not p.is_file() or p.read_text() != text]
+    files = expected()
+    stale = [p for p, text in files.items() if not p.is_file() or p.read_text() != text]
     for path in stale:
         if args.check:
             print(
@@ -38,7 +39,7 @@ def main() -> int:
                 file=sys.stderr,
             )
         else:
-            path.write_text(expected()[path])
+            path.write_text(files[path])
             print(f"wrote {path.relative_to(ROOT)}")
     return 1 if args.check and stale else 0
 
