@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, conv_flop_count, register_flop_formula
 
 from pipeline.nn.device import exact_cuda
 from pipeline.nn.evaluation import predict_logits
@@ -176,6 +176,15 @@ def timed(model, inputs, reference, grid, engine, args, device):
         sync(device)
         seconds = time.perf_counter() - start
     return result, seconds, mem.mb
+
+
+# the fast engine's fused convolutions (fusion.py: oneDNN's op, which torch's counter does not
+# know) count as the convolutions they are. Shapes: (X, W, B, ...), or with the residual
+# (X, other, W, B, ...): W is the second 4-D shape there, the first here.
+@register_flop_formula(torch.ops.mkldnn._convolution_pointwise)
+def _fused_conv_flop(x_shape, first, second, *args, out_shape=None, **kwargs) -> int:
+    binary = second is not None and len(second) == len(x_shape)
+    return conv_flop_count(x_shape, second if binary else first, out_shape, transposed=False)
 
 
 def flops(model, inputs, grid, engine, args) -> float:

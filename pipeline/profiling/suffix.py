@@ -22,6 +22,7 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
+from pipeline.profiling.fusion import fuse_pointwise
 from pipeline.pruning.batchnorm import BN_TYPES, Moments
 from pipeline.pruning.patches import CONV_TYPES, Candidate, candidate_params
 
@@ -190,7 +191,8 @@ class SuffixRunner:
                 and value.dim() > 0
                 and value.shape[0] == n
             )
-            env[node] = torch.cat([value] * groups) if tiled else value  # keeps the layout
+            # cat keeps the layout (repeat does not); one level needs no copy at all
+            env[node] = torch.cat([value] * groups) if tiled and groups > 1 else value
         for i, node in enumerate(self.order):
             if node.op == "output":
                 break
@@ -198,9 +200,10 @@ class SuffixRunner:
                 (inp,) = _map(node.args, env.__getitem__)
                 chunks = inp.chunk(groups) if inp.shape[0] == groups * n else [inp] * groups
                 stats = bn_stats if bn_stats is not None else [None] * groups
-                env[node] = torch.cat(
-                    [self._apply(w, c, st) for w, c, st in zip(weights, chunks, stats, strict=True)]
-                )
+                outs = [
+                    self._apply(w, c, st) for w, c, st in zip(weights, chunks, stats, strict=True)
+                ]
+                env[node] = torch.cat(outs) if len(outs) > 1 else outs[0]
             elif node is self.bn_node and self.fold_consumer:
                 env[node] = env[node.args[0]]  # already applied by _apply
             elif node is self.bn_node and bn_stats is not None:
@@ -290,8 +293,9 @@ def fold(
 
 def optimized(traced: fx.GraphModule, layer: str) -> fx.GraphModule:
     """A copy of ``traced`` that computes the same function faster: each BatchNorm that alone
-    consumes a convolution called once (other than ``layer``) folded into it, and 2-D
-    convolutions' weights in channels-last layout (their outputs follow; oneDNN's fastest
+    consumes a convolution called once (other than ``layer``) folded into it, the ReLU (and
+    residual addition) after such a convolution applied inside it on a CPU (fusion.py), and
+    2-D convolutions' weights in channels-last layout (their outputs follow; oneDNN's fastest
     layout on a CPU, and tensor cores' on a GPU)."""
     gm = copy.deepcopy(traced)
     calls: dict[str, int] = {}
@@ -314,6 +318,7 @@ def optimized(traced: fx.GraphModule, layer: str) -> fx.GraphModule:
         conv.bias = nn.Parameter(bias, requires_grad=False)
         node.replace_all_uses_with(src)
         gm.graph.erase_node(node)
+    fuse_pointwise(gm, layer, calls)
     for name, module in gm.named_modules():
         if isinstance(module, nn.Conv2d) and name != layer:
             module.weight = nn.Parameter(

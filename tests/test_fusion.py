@@ -1,0 +1,122 @@
+"""Convolution + ReLU / + residual add fused into one oneDNN call: same values as the separate
+ops, only where the pattern is exactly that, and the separate ops wherever oneDNN cannot."""
+
+import operator
+
+import pytest
+import torch
+from torch import fx, nn
+
+from pipeline.profiling.fusion import FusedConv, fuse_pointwise
+from pipeline.profiling.suffix import SuffixRunner, optimized
+from tests.models_zoo import TinyResNet, randomized
+
+needs_onednn = pytest.mark.skipif(
+    not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN"
+)
+
+
+class Patterns(nn.Module):
+    """One of each chain the rewrite must fuse, and chains it must leave alone."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = lambda cin, cout, s=1: nn.Conv2d(cin, cout, 3, s, 1)  # noqa: E731
+        self.a, self.b, self.c, self.d = conv(3, 8), conv(8, 8), conv(8, 8), conv(8, 8)
+        self.e, self.f, self.g = conv(8, 8), conv(8, 8), conv(8, 16, 2)
+        self.act = nn.ReLU()
+        self.scale = nn.Parameter(torch.randn(1, 8, 1, 1))
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))  # conv -> relu: fused
+        y = self.act(self.b(x))  # conv -> ReLU module: fused
+        y = nn.functional.relu(x + self.c(y))  # other + conv -> relu: fused
+        z = self.d(y) + y  # conv -> add, no relu: fused (add only)
+        two = self.e(z)  # two users: left alone
+        w = torch.relu(two) + two
+        w = (self.f(w) + self.scale).relu()  # broadcast add: fused, runs the separate ops
+        return self.g(w).sigmoid()  # conv -> sigmoid: left alone
+
+
+def fused_module(model: nn.Module) -> tuple[fx.GraphModule, int]:
+    gm = fx.symbolic_trace(model)
+    calls = {n.target: 1 for n in gm.graph.nodes if n.op == "call_module"}
+    count = fuse_pointwise(gm, skip="", calls=calls)
+    gm.recompile()
+    return gm, count
+
+
+@needs_onednn
+def test_fused_chains_give_the_separate_ops_values_exactly():
+    torch.manual_seed(0)
+    model = Patterns().eval()
+    gm, count = fused_module(model)
+    assert count == 5
+    kinds = sorted((m.add, m.relu) for m in gm.modules() if isinstance(m, FusedConv))
+    assert kinds == [(False, True), (False, True), (True, False), (True, True), (True, True)]
+    users = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    assert {"e", "g"} <= users  # the convolutions left alone are still called as they were
+    x = torch.randn(4, 3, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+        cl = x.contiguous(memory_format=torch.channels_last)
+        assert torch.equal(gm(cl), model(cl))
+
+
+@needs_onednn
+def test_fused_conv_falls_back_where_onednn_cannot_run_it():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 6, 3, 2, 1).double()
+    fused = FusedConv(conv, add=True, relu=True)
+    x, other = torch.randn(2, 4, 9, 9).double(), torch.randn(2, 6, 5, 5).double()
+    with torch.no_grad():
+        assert torch.equal(fused(x, other), torch.relu(conv(x) + other))  # float64
+        conv.float()
+        x, other = x.float(), other.float()
+        assert torch.equal(fused(x, other), torch.relu(conv(x) + other))  # oneDNN
+        wide = other[:1]  # broadcast over the batch: oneDNN's post-op adds same-shape only
+        assert torch.equal(fused(x, wide), torch.relu(conv(x) + wide))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = torch.relu(conv(x) + other)
+            assert torch.equal(fused(x, other), expected)
+
+
+def test_the_profiled_layer_and_shared_convolutions_are_never_fused():
+    model = randomized(TinyResNet())
+    gm = optimized(fx.symbolic_trace(model), "layer1.0.conv1")
+    fused = {m.conv for m in gm.modules() if isinstance(m, FusedConv)}
+    assert model.get_submodule("layer1.0.conv1") not in fused
+    assert gm.get_submodule("layer1.0.conv1") not in fused
+    assert fused  # the stem and the other blocks' convolutions are
+    runner = SuffixRunner(model, "layer1.0.conv1")
+    assert runner.bn_node is not None and runner.fold_consumer  # its BatchNorm still folds
+
+
+@needs_onednn
+def test_the_optimized_suffix_reproduces_the_model_with_fusion():
+    model = randomized(TinyResNet())
+    x = torch.randn(8, 3, 8, 8)
+    for layer in ["stem", "layer1.0.conv1", "layer1.1.conv2", "linear"]:
+        runner = SuffixRunner(model, layer)
+        assert any(isinstance(m, FusedConv) for m in runner.gm.modules())
+        weight = runner.module.weight.detach()
+        with torch.no_grad():
+            out = runner.run(runner.upstream(x), [weight, weight * 0.5])
+            half = model.get_submodule(layer).weight.data.mul_(0.5)
+            try:
+                halved = model(x)
+            finally:
+                half.mul_(2)
+            # folding BatchNorms into the weights rounds differently: equal up to float32
+            torch.testing.assert_close(out[:8], model(x), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out[8:], halved, rtol=1e-5, atol=1e-5)
+
+
+def test_add_matching_is_exact_about_operands():
+    gm = fx.symbolic_trace(nn.Sequential(nn.Conv2d(2, 2, 1)))
+    (conv,) = [n for n in gm.graph.nodes if n.op == "call_module"]
+    with gm.graph.inserting_after(conv):
+        twice = gm.graph.call_function(operator.add, (conv, conv))
+    from pipeline.profiling.fusion import _residual
+
+    assert _residual(twice, conv) is None  # conv + conv: no other operand to add
