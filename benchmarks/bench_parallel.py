@@ -31,7 +31,7 @@ import torch
 from pipeline.config.params import Params
 from pipeline.config.runtime import RayParams
 from pipeline.edges import tables
-from pipeline.edges.profile_run import profile_curves
+from pipeline.edges.profile_run import UNITS_PER_SLOT, profile_curves
 from pipeline.nn.evaluation import predict_logits
 from pipeline.nn.layers import macs_per_weight, prunable_numel
 from pipeline.nn.models import build_model
@@ -39,7 +39,7 @@ from pipeline.profiling.distortion import sparsity_grid
 from pipeline.profiling.workunits import layer_costs, plan_units, profile_unit
 
 
-def params_for(levels: int, backend: str, work_units: int = RayParams.work_units) -> Params:
+def params_for(levels: int, backend: str, work_units: int | None = RayParams.work_units) -> Params:
     base = Params()
     profile = dataclasses.replace(base.profile, levels=levels, bn_correction=True)
     return dataclasses.replace(
@@ -75,7 +75,7 @@ def timed_units(params: Params, model, inputs, reference) -> tuple[float, list[t
         "bn_correction": params.prune.bn_recalibration_mode,
     }
     out = []
-    for unit in plan_units(costs, levels, params.ray.work_units):
+    for unit in plan_units(costs, levels, params.ray.work_units or UNITS_PER_SLOT):  # 1 slot
         start = time.perf_counter()
         profile_unit(unit, **shared)
         out.append((unit, time.perf_counter() - start))
@@ -135,19 +135,23 @@ def simulate_resnet50(levels: int) -> None:
         f"\nResNet-50 224x224: {len(numel)} layers x {levels} levels x 256 images (batches of 32), "
         "fast engine, BN-corrected"
     )
-    print(f"{'split':<22} {'units':>5} {'work':>6}  makespan / (total work / W) for W =")
+    print(f"{'split':<22} {'units':>8} {'work':>6}  makespan / (total work / W) for W =")
     workers = [1, 2, 4, 8, 16, 32, 64, 128]
-    print(f"{'':<22} {'':>5} {'':>6}  " + " ".join(f"{w:>6}" for w in workers))
-    for label, units in [("one unit per layer", 1), ("work_units 16 (default)", 16)] + [
-        (f"work_units {n}", n) for n in (64, 256, 1024)
-    ]:
-        plan = plan_units(costs, levels, units)
-        work = [u.cost for u in plan]
-        total = sum(work)
+    print(f"{'':<22} {'':>8} {'':>6}  " + " ".join(f"{w:>6}" for w in workers))
+    rows = [("one unit per layer", lambda w: 1), ("null: 4 x W (default)", lambda w: 4 * w)]
+    rows += [(f"work_units {n}", lambda w, n=n: n) for n in (16, 64, 256, 1024)]
+    for label, units_for in rows:
+        plans = [plan_units(costs, levels, units_for(w)) for w in workers]
         # against the unsplit total: what the split's repeated prefixes cost is included
-        ratios = [makespan(work, w) / (unsplit / w) for w in workers]
+        ratios = [
+            makespan([u.cost for u in p], w) / (unsplit / w)
+            for p, w in zip(plans, workers, strict=True)
+        ]
+        counts = sorted({len(p) for p in plans})
+        total = sum(u.cost for u in plans[-1])
+        units = f"{counts[0]}" if len(counts) == 1 else f"{counts[0]}-{counts[-1]}"
         print(
-            f"{label:<22} {len(plan):>5} {total / unsplit:>6.3f}  "
+            f"{label:<22} {units:>8} {total / unsplit:>6.3f}  "
             + " ".join(f"{r:>6.2f}" for r in ratios)
         )
 

@@ -8,7 +8,7 @@ import torch
 from pipeline.config.runtime import RayParams
 from pipeline.edges import tables
 from pipeline.edges.parallel.cluster import probe
-from pipeline.edges.parallel.tasks import map_tasks, run_tasks
+from pipeline.edges.parallel.tasks import map_tasks, run_tasks, task_slots
 from pipeline.errors import PipelineError
 from pipeline.nn.evaluation import predict_logits
 from pipeline.nn.layers import prunable_numel
@@ -135,3 +135,44 @@ def test_a_failing_ray_task_is_one_error_naming_its_unit(ray_local):
     message = str(error.value)
     assert message.startswith("profile: layer 'no_such_layer' levels 2-4 failed: AttributeError")
     assert "\n" not in message
+
+
+def units_run(backend: str, work_units: int | None) -> tuple[int, bytes]:
+    """(work units the profile ran, its table's bytes) for TinyResNet on ``backend``."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    from pipeline.config.params import Params
+    from pipeline.edges.profile_run import profile_curves
+    from tests.models_zoo import TinyResNet, randomized
+
+    torch.manual_seed(0)  # the same weights on every call
+    model = randomized(TinyResNet())
+    inputs = torch.randn(24, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    reference = predict_logits(model, inputs, 8)
+    base = Params()
+    params = dataclasses.replace(
+        base,
+        profile=dataclasses.replace(base.profile, levels=11, batch_size=8, bn_correction=True),
+        ray=RayParams(backend=backend, work_units=work_units),
+    )
+    placements = []
+    curves = profile_curves(params, model, inputs, reference, placements)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "t.parquet"
+        tables.write_distortion(path, curves, {})
+        return len(placements), path.read_bytes()
+
+
+def test_null_work_units_are_four_per_task_slot_with_the_same_table(ray_local):
+    """ray.work_units null: 4 units per task that runs at once (2 CPUs here: 8, in process: 4);
+    on a CPU the table is byte-identical whatever the cut."""
+    assert task_slots(RayParams()) == 2 and task_slots(RayParams(backend="serial")) == 1
+    auto_ray, table = units_run("ray", None)
+    assert auto_ray == units_run("ray", 8)[0]
+    auto_serial, serial_table = units_run("serial", None)
+    assert auto_serial == units_run("serial", 4)[0]
+    one_per_layer, one_table = units_run("serial", 1)
+    assert auto_ray > one_per_layer  # 8 units cut layers (12 units): the check can fail
+    assert table == serial_table == one_table

@@ -26,9 +26,10 @@ class RayParams:
     0; allowed: null, a number in [0, 1] or a whole number of GPUs"""
     max_retries: int = 3
     """re-runs of a task whose worker process or node died; allowed: an integer >= 0"""
-    work_units: int = 16
-    """the profile is cut into about this many units (a layer or a range of its levels); ~4x the
-    GPUs on big clusters; allowed: an integer >= 1"""
+    work_units: int | None = None
+    """the profile is cut into about this many units (a layer or a range of its levels); null:
+    4 x the tasks that run at once (2 CPU cores: 8; 16 GPUs: 64); a number keeps GPU tables
+    byte-identical across cluster sizes; allowed: null or an integer >= 1"""
 
     def validate(self) -> None:
         from pipeline.edges.parallel.cluster import parse_address
@@ -55,8 +56,8 @@ class RayParams:
             )
         if self.max_retries < 0:
             raise fail("ray.max_retries", self.max_retries, "an integer >= 0")
-        if self.work_units < 1:
-            raise fail("ray.work_units", self.work_units, "an integer >= 1")
+        if self.work_units is not None and self.work_units < 1:
+            raise fail("ray.work_units", self.work_units, "null or an integer >= 1")
 
 
 @dataclass(frozen=True)

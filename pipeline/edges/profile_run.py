@@ -13,10 +13,15 @@ import torch
 from torch import nn
 
 from pipeline.config.params import Params
-from pipeline.edges.parallel.tasks import Placement, run_tasks
+from pipeline.edges.parallel.tasks import Placement, run_tasks, session, task_slots
 from pipeline.nn.layers import macs_per_weight, prunable_numel
 from pipeline.profiling.distortion import DistortionCurves, sparsity_grid
 from pipeline.profiling.workunits import assemble, layer_costs, plan_units, profile_unit
+
+# ray.work_units null: units per task slot. One unit per layer already keeps a few workers
+# busy; more units let big clusters finish together, each extra unit repeating its layer's
+# upstream pass and self-check (docs/clusters.md#work-units).
+UNITS_PER_SLOT = 4
 
 
 def profile_curves(
@@ -31,8 +36,9 @@ def profile_curves(
     its levels, largest first) on the ``ray.backend``.
 
     inputs: (N, ...) calibration inputs; reference: (N, classes) dense logits. The units
-    depend on the model and params only, so the table is the same on every backend and
-    cluster. ``placements``, if given, receives where each unit ran (in unit order). Each
+    depend on the model, the params and, with ``ray.work_units`` null, on how many tasks run
+    at once; on a CPU the table is the same for any cut (on a GPU the last bits may move).
+    ``placements``, if given, receives where each unit ran (in unit order). Each
     task runs on the ``device`` param's device, or on the GPU Ray assigned it.
     ``of_remaining``: grid sparsities are fractions of each layer's non-zero weights (an
     iterative round); the curves' ``numel`` stay the whole layers'.
@@ -44,7 +50,6 @@ def profile_curves(
     bn_mode = params.curve_bn_rule
     check_share = min(1.0, params.profile.batch_size / len(inputs))
     costs = layer_costs(numel, macs, params.profile.engine, bn_mode is not None, check_share)
-    units = plan_units(costs, levels, params.ray.work_units)
     shared = {  # shipped from the CPU: each task moves them to the device it runs on
         "model": copy.deepcopy(model).cpu(),
         "inputs": inputs.cpu(),
@@ -60,9 +65,17 @@ def profile_curves(
         "repair": params.curve_repair,
         "precision": params.profile.precision,
     }
-    run = run_tasks(
-        profile_unit, units, shared=shared, params=params.ray, desc="profile", device_arg="device"
-    )
+    with session(params.ray):  # one connection: the slots it reports, then the tasks
+        target = params.ray.work_units or UNITS_PER_SLOT * task_slots(params.ray)
+        units = plan_units(costs, levels, target)
+        run = run_tasks(
+            profile_unit,
+            units,
+            shared=shared,
+            params=params.ray,
+            desc="profile",
+            device_arg="device",
+        )
     if placements is not None:
         placements.extend(run.placements)
     per_layer = assemble(units, run.results, levels)

@@ -147,6 +147,17 @@ def plan_resources(params: RayParams, nodes: Sequence[Mapping[str, float]]) -> _
     )
 
 
+def task_slots(params: RayParams) -> int:
+    """How many tasks run at once on ``params.backend``: 1 in process; under Ray, as many as
+    the alive nodes fit (``plan_resources``). Ray must be connected (``session``)."""
+    if params.backend != "ray":
+        return 1
+    import ray
+
+    alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    return plan_resources(params, alive).slots
+
+
 def _ray_task(
     fn: Callable[..., T], item: Any, device_arg: str | None, **shared: Any
 ) -> tuple[T, Placement]:
