@@ -87,7 +87,9 @@ def ray_profile(workers: int, levels: int, model, inputs, reference) -> tuple[fl
     try:
         profile_curves(params_for(2, "ray"), model, inputs, reference)  # warm the workers up
         start = time.perf_counter()
-        curves = profile_curves(params_for(levels, "ray"), model, inputs, reference)
+        # the same units for 1 and 2 workers (null would plan 4 and 8): the same work compared
+        fixed = params_for(levels, "ray", 2 * UNITS_PER_SLOT)
+        curves = profile_curves(fixed, model, inputs, reference)
         return time.perf_counter() - start, table_bytes(curves)
     finally:
         ray.shutdown()

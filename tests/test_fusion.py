@@ -3,6 +3,7 @@ ops, only where the pattern is exactly that, and the separate ops wherever oneDN
 
 import operator
 
+import numpy as np
 import pytest
 import torch
 from torch import fx, nn
@@ -120,3 +121,73 @@ def test_add_matching_is_exact_about_operands():
     from pipeline.profiling.fusion import _residual
 
     assert _residual(twice, conv) is None  # conv + conv: no other operand to add
+
+
+class InPlace(nn.Module):
+    """A downstream op writes into a value upstream of ``b``: the kept frontier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 3, 1, 1), nn.Conv2d(8, 8, 3, 1, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x))
+        y = y.add_(self.b(y))
+        return self.fc(y.mean((2, 3)))
+
+
+class Collide(nn.Module):
+    """Module names the fused modules' names would take (``conv`` -> ``conv_fused``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, 1, 1)
+        self.conv_fused = nn.Conv2d(8, 8, 3, 1, 1)
+        self.blk = nn.Module()
+        self.blk.conv = nn.Conv2d(8, 8, 3, 1, 1)
+        self.blk_conv = nn.Conv2d(8, 8, 3, 1, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        x = torch.relu(self.conv_fused(x))
+        x = torch.relu(self.blk.conv(x))
+        x = torch.relu(self.blk_conv(x) + x.shape[1])  # a number, not a tensor, is added
+        return self.fc(x.mean((2, 3)))
+
+
+@pytest.mark.parametrize(
+    ("model", "layers"),
+    [(InPlace, ["b"]), (Collide, ["conv", "conv_fused", "blk.conv", "blk_conv", "fc"])],
+)
+def test_fast_equals_naive_with_in_place_ops_and_colliding_names(model, layers, caplog):
+    from pipeline.nn.evaluation import predict_logits
+    from pipeline.profiling.distortion import profile_layer, sparsity_grid
+
+    torch.manual_seed(0)
+    net = model().eval()
+    inputs = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    reference = predict_logits(net, inputs, 8)
+    for layer in layers:
+        curves = {
+            engine: profile_layer(
+                layer,
+                model=net,
+                inputs=inputs,
+                reference=reference,
+                sparsities=sparsity_grid(6),
+                batch_size=8,
+                threads=1,
+                engine=engine,
+                memory_mb=1,  # one level per pass: the frontier is not tiled
+            )[0]
+            for engine in ("naive", "fast")
+        }
+        np.testing.assert_allclose(curves["fast"], curves["naive"], rtol=1e-4, atol=1e-9)
+    assert "optimized execution failed" not in caplog.text
+    assert "fast engine unavailable" not in caplog.text
+    gm = optimized(fx.symbolic_trace(Collide()), "fc")
+    names = [n for n, m in gm.named_modules() if isinstance(m, FusedConv)]
+    assert len(names) == len(set(names)) == 4
+    assert isinstance(gm.get_submodule("conv_fused"), nn.Conv2d)  # the model's own, kept

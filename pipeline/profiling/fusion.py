@@ -5,9 +5,11 @@ about a fifth more writing and re-reading every activation for the ReLU and the 
 addition that follow them. oneDNN applies both inside the convolution's own loop (post-ops,
 what ``torch.compile``'s CPU backend calls); ``fuse_pointwise`` rewrites an fx graph so that
 each such chain is one call of ``FusedConv``. The ReLU is exact and the add is the same single
-float32 addition, so the values equal the separate ops' (checked by the tests and, per layer,
-by the fast engine's self-check against the model as given). Anywhere else (a GPU, another
-dtype, autocast, a shape the post-op cannot take) ``FusedConv`` runs the separate ops.
+float32 addition, so the values equal the separate ops' for channels-last inputs, as the
+optimized model feeds them (tested); a 1x1 or depthwise convolution on an NCHW input may
+differ in the last bit. The fast engine's self-check compares every layer's suffix with the
+model as given. Anywhere else (a GPU, another dtype, autocast, a shape the post-op cannot
+take) ``FusedConv`` runs the separate ops.
 
 Pure: no I/O, no Ray.
 """
@@ -23,7 +25,7 @@ _RELU_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.re
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
-def _pointwise_op():
+def pointwise_op():
     """oneDNN's fused convolution (None where this torch build has none)."""
     try:
         return torch.ops.mkldnn._convolution_pointwise
@@ -50,11 +52,13 @@ class FusedConv(nn.Module):
             and x.dim() == 4
             and not torch.is_autocast_enabled("cpu")
             and torch.backends.mkldnn.is_available()
-            and _pointwise_op() is not None
+            and pointwise_op() is not None
         ):
             return False
         if other is None:
             return True
+        if not torch.is_tensor(other):  # conv + a Python number (x.shape[1], say)
+            return False
         n, _, h, w = x.shape
         size = [
             (s + 2 * p - d * (k - 1) - 1) // st + 1
@@ -73,7 +77,7 @@ class FusedConv(nn.Module):
                 y = y + other
             return torch.relu(y) if self.relu else y
         geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        op = _pointwise_op()
+        op = pointwise_op()
         x = x.contiguous(memory_format=torch.channels_last)
         if other is None:
             return op(x, conv.weight, conv.bias, *geometry, "relu", [], "")
@@ -112,6 +116,18 @@ def _only_user(node: fx.Node) -> fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _free_name(gm: fx.GraphModule, base: str) -> str:
+    """``base``, or ``base_1``, ``base_2``, ...: a name no module, parameter or buffer of
+    ``gm`` has (add_submodule would silently replace one: ``blk.conv`` and ``blk_conv``)."""
+    taken = {name for name, _ in gm.named_modules()}
+    taken |= {name for name, _ in gm.named_parameters()} | {n for n, _ in gm.named_buffers()}
+    name, i = base, 0
+    while name in taken or hasattr(gm, name):
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
 def fuse_pointwise(gm: fx.GraphModule, skip: str, calls: dict[str, int]) -> int:
     """Rewrite ``gm`` in place: each 2-D convolution (other than ``skip``, called once per
     ``calls``) whose output feeds only a ReLU, or only an addition that alone feeds a ReLU,
@@ -139,7 +155,7 @@ def fuse_pointwise(gm: fx.GraphModule, skip: str, calls: dict[str, int]) -> int:
         if other is None and not relu:
             continue
         last = tail if relu else user
-        name = f"{node.target.replace('.', '_')}_fused"
+        name = _free_name(gm, f"{node.target.replace('.', '_')}_fused")
         gm.add_submodule(name, FusedConv(conv, add=other is not None, relu=relu))
         with gm.graph.inserting_before(last):
             args = (node.args[0],) if other is None else (node.args[0], other)

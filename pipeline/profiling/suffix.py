@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import operator
 from typing import Any
 
 import torch
@@ -85,6 +86,7 @@ class SuffixRunner:
             and len(self.bn_node.args) == 1
             and not self.bn_node.kwargs
         )
+        self.mutates = any(_may_write_in_place(self.gm, n) for n in self.order)
         self.last_use = {}
         for i, node in enumerate(self.order):
             for a in node.all_input_nodes:
@@ -191,8 +193,10 @@ class SuffixRunner:
                 and value.dim() > 0
                 and value.shape[0] == n
             )
-            # cat keeps the layout (repeat does not); one level needs no copy at all
-            env[node] = torch.cat([value] * groups) if tiled and groups > 1 else value
+            # cat keeps the layout (repeat does not); one level reads the kept frontier
+            # itself unless a downstream op may write into it (it is reused by later passes)
+            fresh = tiled and (groups > 1 or self.mutates)
+            env[node] = torch.cat([value] * groups) if fresh else value
         for i, node in enumerate(self.order):
             if node.op == "output":
                 break
@@ -226,6 +230,24 @@ class SuffixRunner:
         )
         tiled = sum(v.numel() * v.element_size() for v in frontier.values() if torch.is_tensor(v))
         return max(1, math.ceil(3 * tiled / max(n, 1)))
+
+
+def _may_write_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Whether ``node`` may modify one of its inputs: ``x.add_(y)``, ``torch.relu_``,
+    ``inplace=True``, ``x[i] = y``, ``+=`` (fx records it as ``iadd``), an ``nn.ReLU(inplace=
+    True)``. Conservative: a name ending in one underscore counts."""
+    if node.kwargs.get("inplace") is True:
+        return True
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.target in (operator.setitem, operator.iadd, operator.imul) or (
+            name.endswith("_") and not name.endswith("__")
+        )
+    if node.op == "call_module":
+        return getattr(gm.get_submodule(node.target), "inplace", False) is True
+    return False
 
 
 def consumer_batchnorm(model: nn.Module, layer: str) -> str | None:
