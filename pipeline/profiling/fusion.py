@@ -16,6 +16,7 @@ Pure: no I/O, no Ray.
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -25,8 +26,11 @@ _RELU_FUNCTIONS = {torch.relu, torch.relu_, nn.functional.relu, nn.functional.re
 _ADD_FUNCTIONS = {operator.add, operator.iadd, torch.add}
 
 
+@functools.cache
 def pointwise_op():
-    """oneDNN's fused convolution (None where this torch build has none)."""
+    """oneDNN's fused convolution (None where this torch build has none), looked up once."""
+    if not torch.backends.mkldnn.is_available():
+        return None
     try:
         return torch.ops.mkldnn._convolution_pointwise
     except (AttributeError, RuntimeError):
@@ -51,7 +55,6 @@ class FusedConv(nn.Module):
             and x.dtype == conv.weight.dtype == torch.float32
             and x.dim() == 4
             and not torch.is_autocast_enabled("cpu")
-            and torch.backends.mkldnn.is_available()
             and pointwise_op() is not None
         ):
             return False
