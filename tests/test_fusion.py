@@ -159,32 +159,18 @@ class Collide(nn.Module):
 
 @pytest.mark.parametrize(
     ("model", "layers"),
-    [(InPlace, ["b"]), (Collide, ["conv", "conv_fused", "blk.conv", "blk_conv", "fc"])],
+    [(InPlace, ["a", "b", "fc"]), (Collide, ["conv", "conv_fused", "blk.conv", "blk_conv", "fc"])],
 )
 def test_fast_equals_naive_with_in_place_ops_and_colliding_names(model, layers, caplog):
-    from pipeline.nn.evaluation import predict_logits
-    from pipeline.profiling.distortion import profile_layer, sparsity_grid
+    from tests.test_fast_profile import tables
 
     torch.manual_seed(0)
     net = model().eval()
-    inputs = torch.randn(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
-    reference = predict_logits(net, inputs, 8)
-    for layer in layers:
-        curves = {
-            engine: profile_layer(
-                layer,
-                model=net,
-                inputs=inputs,
-                reference=reference,
-                sparsities=sparsity_grid(6),
-                batch_size=8,
-                threads=1,
-                engine=engine,
-                memory_mb=1,  # one level per pass: the frontier is not tiled
-            )[0]
-            for engine in ("naive", "fast")
-        }
-        np.testing.assert_allclose(curves["fast"], curves["naive"], rtol=1e-4, atol=1e-9)
+    # 48x48: a level's pass outgrows memory_mb 1, so each pass holds one level
+    out = tables(net, (3, 48, 48), memory_mb=1, batch_size=8)
+    assert len(out["fast"]) == len(layers)  # every layer, as the model lists them
+    for (naive, _), (fast, _) in zip(out["naive"], out["fast"], strict=True):
+        np.testing.assert_allclose(fast, naive, rtol=1e-4, atol=1e-9)
     assert "optimized execution failed" not in caplog.text
     assert "fast engine unavailable" not in caplog.text
     gm = optimized(fx.symbolic_trace(Collide()), "fc")
