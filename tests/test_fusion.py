@@ -177,3 +177,46 @@ def test_fast_equals_naive_with_in_place_ops_and_colliding_names(model, layers, 
     names = [n for n, m in gm.named_modules() if isinstance(m, FusedConv)]
     assert len(names) == len(set(names)) == 4
     assert isinstance(gm.get_submodule("conv_fused"), nn.Conv2d)  # the model's own, kept
+
+
+class Residuals(nn.Module):
+    """Residuals a fused conv + add may write into (a conv output read nowhere else) and ones
+    it must copy: read again after the add, a view, the kept upstream value."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        conv = lambda: nn.Conv2d(8, 8, 3, 1, 1)  # noqa: E731
+        self.stem, self.short, self.a, self.b, self.c, self.d = (conv() for _ in range(6))
+        self.stem = nn.Conv2d(3, 8, 3, 1, 1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        x = self.stem(x)  # the profiled layer
+        s = self.short(x)  # fused with the add (the first conv feeding it); a(x) is written into
+        y = torch.relu(s + self.a(x))
+        z = torch.relu(self.b(y) + y)  # y is read again below: copied
+        w = torch.relu(self.c(z) + z[:, :])  # a view: copied
+        v = torch.relu(self.d(w) + x)  # the layer's own output: copied
+        return self.fc((v + y).mean((2, 3)))
+
+
+@needs_onednn
+def test_a_fused_add_writes_into_its_residual_only_where_nothing_else_can_see_it():
+    torch.manual_seed(0)
+    model = Residuals().eval()
+    runner = SuffixRunner(model, "stem")
+    consume = {n: m.consume for n, m in runner.gm.named_modules() if isinstance(m, FusedConv)}
+    assert consume == {"short_fused": True, "b_fused": False, "c_fused": False, "d_fused": False}
+    x = torch.randn(4, 3, 10, 10)
+    frontier = runner.upstream(x)
+    kept = {k: v.clone() for k, v in frontier.items()}
+    weight = runner.module.weight.detach()
+    with torch.no_grad():
+        first = runner.run(frontier, [weight])
+        for module in runner.gm.modules():  # the same runner copying every residual
+            if isinstance(module, FusedConv):
+                module.consume = False
+        copied = runner.run(frontier, [weight])
+    assert torch.equal(first, copied)
+    assert all(torch.equal(frontier[k], kept[k]) for k in kept)  # upstream values untouched
+    torch.testing.assert_close(first, model(x), rtol=1e-5, atol=1e-5)

@@ -23,7 +23,7 @@ import torch
 from torch import fx, nn
 from torch.func import functional_call
 
-from pipeline.profiling.fusion import fuse_pointwise
+from pipeline.profiling.fusion import FusedConv, fuse_pointwise
 from pipeline.pruning.batchnorm import BN_TYPES, Moments
 from pipeline.pruning.patches import CONV_TYPES, Candidate, candidate_params
 
@@ -91,6 +91,24 @@ class SuffixRunner:
         for i, node in enumerate(self.order):
             for a in node.all_input_nodes:
                 self.last_use[a] = i
+        self._consume_residuals()
+
+    def _consume_residuals(self) -> None:
+        """Let each fused conv + add downstream write into its residual where ``run`` made
+        that tensor itself (a convolution's output, not a kept upstream value or a view) and
+        nothing reads it afterwards: one copy fewer per block and level."""
+        for i, node in enumerate(self.order):
+            module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
+            if not isinstance(module, FusedConv) or not module.add:
+                continue
+            other = node.args[1]
+            made = (
+                other in self.downstream
+                and other not in self.sites
+                and other.op == "call_module"
+                and type(self.gm.get_submodule(other.target)) in (nn.Conv2d, FusedConv)
+            )
+            module.consume = made and self.last_use.get(other) == i
 
     @staticmethod
     def _descendants(roots: list[fx.Node]) -> set[fx.Node]:
