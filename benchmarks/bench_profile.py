@@ -52,7 +52,7 @@ from pipeline.nn.evaluation import predict_logits
 from pipeline.nn.layers import prunable_numel
 from pipeline.nn.models import build_model, load_weights, normalize_state_dict
 from pipeline.profiling.distortion import profile_layer, sparsity_grid
-from pipeline.profiling.fusion import pointwise_op
+from pipeline.profiling.fusion import accumulating_op, pointwise_op
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 H100_FP32_PEAK = 67e12  # H100 SXM, fp32 without tensor cores (TF32 is off), FLOP/s
@@ -179,16 +179,21 @@ def timed(model, inputs, reference, grid, engine, args, device):
     return result, seconds, mem.mb
 
 
-# the fast engine's fused convolutions (fusion.py: oneDNN's op, which torch's counter does not
-# know) count as the convolutions they are. Shapes: (X, W, B, ...), or with the residual
-# (X, other, W, B, ...): W is the second 4-D shape there, the first here.
-def _fused_conv_flop(x_shape, first, second, *args, out_shape=None, **kwargs) -> int:
-    binary = second is not None and len(second) == len(x_shape)
-    return conv_flop_count(x_shape, second if binary else first, out_shape, transposed=False)
+# the fast engine's fused convolutions (fusion.py: oneDNN's ops, which torch's counter does
+# not know) count as the convolutions they are. Shapes: (X, W, B, ...) for conv + ReLU;
+# (out, X, W, B, ...) for the convolution added into ``out`` (+ ReLU).
+def _fused_conv_flop(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out_shape, transposed=False)
+
+
+def _accumulated_conv_flop(out, x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    return conv_flop_count(x_shape, w_shape, out, transposed=False)
 
 
 if pointwise_op() is not None:  # a torch build without oneDNN fuses nothing
     register_flop_formula(pointwise_op())(_fused_conv_flop)
+if accumulating_op() is not None:
+    register_flop_formula(accumulating_op().overloadpacket)(_accumulated_conv_flop)
 
 
 def flops(model, inputs, grid, engine, args) -> float:

@@ -38,9 +38,11 @@ def pointwise_op():
 
 
 @functools.cache
-def _accumulating_op():
-    """Its variant that adds the convolution into a given output tensor (oneDNN's sum
-    post-op), None where missing."""
+def accumulating_op():
+    """Its variant that adds the convolution into a given tensor (oneDNN's sum post-op),
+    looked up once; None where missing."""
+    if pointwise_op() is None:
+        return None
     try:
         return torch.ops.mkldnn._convolution_pointwise_.binary
     except (AttributeError, RuntimeError):
@@ -73,7 +75,7 @@ class FusedConv(nn.Module):
             return False
         if other is None:
             return True
-        if not torch.is_tensor(other):  # conv + a Python number (x.shape[1], say)
+        if not torch.is_tensor(other) or accumulating_op() is None:  # other: x.shape[1], say
             return False
         n, _, h, w = x.shape
         size = [
@@ -93,20 +95,16 @@ class FusedConv(nn.Module):
                 y = y + other
             return torch.relu(y) if self.relu else y
         geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
-        op = pointwise_op()
         x = x.contiguous(memory_format=torch.channels_last)
         if other is None:
-            return op(x, conv.weight, conv.bias, *geometry, "relu", [], "")
-        unary = "relu" if self.relu else None
-        accumulate = _accumulating_op()
-        if accumulate is None:
-            other = other.contiguous(memory_format=torch.channels_last)
-            return op.binary(x, other, conv.weight, conv.bias, *geometry, "add", None, unary, [], "")
+            return pointwise_op()(x, conv.weight, conv.bias, *geometry, "relu", [], "")
         # Accumulating into the residual (or a copy) beat oneDNN's binary-add post-op by up to
         # 15 % (one core, 16x32x32 maps), the copy included; the sum is the same float32 add.
         in_place = self.consume and other.is_contiguous(memory_format=torch.channels_last)
         out = other if in_place else other.clone(memory_format=torch.channels_last)
-        return accumulate(out, x, conv.weight, conv.bias, *geometry, "add", None, unary, [], "")
+        unary = "relu" if self.relu else None
+        args = (conv.weight, conv.bias, *geometry, "add", None, unary, [], "")
+        return accumulating_op()(out, x, *args)
 
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
