@@ -200,13 +200,44 @@ class Residuals(nn.Module):
         return self.fc((v + y).mean((2, 3)))
 
 
+class Aliased(nn.Module):
+    """Residuals that are a conv output read by nothing after the add, yet visible: the fused
+    conv's own input, or read later through an alias made before the add."""
+
+    def __init__(self, alias: str) -> None:
+        super().__init__()
+        self.alias = alias
+        self.stem, self.a, self.b = (nn.Conv2d(c, 8, 3, 1, 1) for c in (3, 8, 8))
+        self.drop, self.ident = nn.Dropout(0.1), nn.Identity()
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = self.a(h)
+        if self.alias == "input":
+            return self.fc(torch.relu(self.b(y) + y).mean((2, 3)).repeat(1, 2))
+        skip = {"dropout": self.drop, "identity": self.ident}.get(self.alias, lambda t: t[:, :])(y)
+        z = torch.relu(self.b(h) + y)
+        return self.fc(torch.cat([z, skip], 1).mean((2, 3)))
+
+
 @needs_onednn
-def test_a_fused_add_writes_into_its_residual_only_where_nothing_else_can_see_it():
+@pytest.mark.parametrize(
+    ("model", "expected"),
+    [
+        (Residuals(), {"short_fused": True, "b_fused": False, "c_fused": False, "d_fused": False}),
+        (Aliased("input"), {"b_fused": False}),
+        (Aliased("dropout"), {"b_fused": False}),
+        (Aliased("identity"), {"b_fused": False}),
+        (Aliased("view"), {"b_fused": False}),
+    ],
+)
+def test_a_fused_add_writes_into_its_residual_only_where_nothing_else_can_see_it(model, expected):
     torch.manual_seed(0)
-    model = Residuals().eval()
+    model = randomized(model).eval()
     runner = SuffixRunner(model, "stem")
     consume = {n: m.consume for n, m in runner.gm.named_modules() if isinstance(m, FusedConv)}
-    assert consume == {"short_fused": True, "b_fused": False, "c_fused": False, "d_fused": False}
+    assert consume == expected
     x = torch.randn(4, 3, 10, 10)
     frontier = runner.upstream(x)
     kept = {k: v.clone() for k, v in frontier.items()}
@@ -220,3 +251,14 @@ def test_a_fused_add_writes_into_its_residual_only_where_nothing_else_can_see_it
     assert torch.equal(first, copied)
     assert all(torch.equal(frontier[k], kept[k]) for k in kept)  # upstream values untouched
     torch.testing.assert_close(first, model(x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_grouped_conv_plus_residual_equals_the_separate_ops():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 24, 3, 1, 1, groups=4)  # the sum post-op would add the bias last
+    x = torch.randn(2, 12, 7, 7).contiguous(memory_format=torch.channels_last)
+    other = torch.randn(2, 24, 7, 7).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        fused = FusedConv(conv, add=True, relu=True)(x, other)
+        assert torch.equal(fused, torch.relu(conv(x) + other))

@@ -75,7 +75,7 @@ class FusedConv(nn.Module):
             return False
         if other is None:
             return True
-        if not torch.is_tensor(other) or accumulating_op() is None:  # other: x.shape[1], say
+        if not torch.is_tensor(other):  # conv + a Python number (x.shape[1], say)
             return False
         n, _, h, w = x.shape
         size = [
@@ -98,12 +98,16 @@ class FusedConv(nn.Module):
         x = x.contiguous(memory_format=torch.channels_last)
         if other is None:
             return pointwise_op()(x, conv.weight, conv.bias, *geometry, "relu", [], "")
-        # Accumulating into the residual (or a copy) beat oneDNN's binary-add post-op by up to
-        # 15 % (one core, 16x32x32 maps), the copy included; the sum is the same float32 add.
-        in_place = self.consume and other.is_contiguous(memory_format=torch.channels_last)
-        out = other if in_place else other.clone(memory_format=torch.channels_last)
         unary = "relu" if self.relu else None
         args = (conv.weight, conv.bias, *geometry, "add", None, unary, [], "")
+        if conv.groups != 1 or accumulating_op() is None:
+            # grouped: oneDNN's sum post-op adds the bias after the residual (1-2 ulp off)
+            other = other.contiguous(memory_format=torch.channels_last)
+            return pointwise_op().binary(x, other, *args)
+        # Accumulating into the residual (or a copy) beat oneDNN's binary-add post-op by up to
+        # 15 % (one core, 16x32x32 maps), the copy included; the same float32 additions.
+        in_place = self.consume and other.is_contiguous(memory_format=torch.channels_last)
+        out = other if in_place else other.clone(memory_format=torch.channels_last)
         return accumulating_op()(out, x, *args)
 
 

@@ -95,20 +95,30 @@ class SuffixRunner:
 
     def _consume_residuals(self) -> None:
         """Let each fused conv + add downstream write into its residual where ``run`` made
-        that tensor itself (a convolution's output, not a kept upstream value or a view) and
-        nothing reads it afterwards: one copy fewer per block and level."""
+        that tensor itself (a convolution's output, not a kept upstream value), the fused
+        conv does not read it, and nothing can afterwards: its other readers are convolutions
+        (never an alias of their input, as a view, ``nn.Identity`` or an eval-mode dropout
+        would be) that run before. One copy fewer per block and level."""
+
+        def conv_call(node: fx.Node) -> bool:
+            return node.op == "call_module" and type(self.gm.get_submodule(node.target)) in (
+                nn.Conv2d,
+                FusedConv,
+            )
+
         for i, node in enumerate(self.order):
             module = self.gm.get_submodule(node.target) if node.op == "call_module" else None
             if not isinstance(module, FusedConv) or not module.add:
                 continue
-            other = node.args[1]
-            made = (
+            x, other = node.args
+            module.consume = (
                 other in self.downstream
                 and other not in self.sites
-                and other.op == "call_module"
-                and type(self.gm.get_submodule(other.target)) in (nn.Conv2d, FusedConv)
+                and conv_call(other)
+                and x is not other
+                and all(conv_call(user) for user in other.users if user is not node)
+                and self.last_use.get(other) == i
             )
-            module.consume = made and self.last_use.get(other) == i
 
     @staticmethod
     def _descendants(roots: list[fx.Node]) -> set[fx.Node]:
