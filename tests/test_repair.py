@@ -15,7 +15,9 @@ from pipeline.pruning.masking import apply_masks, magnitude_masks
 from pipeline.pruning.repair import (
     RepairStats,
     augmented_weight,
+    damped_gram,
     equations_solution,
+    equations_solutions,
     repair_network,
 )
 from pipeline.pruning.ridge import damping_of, solve
@@ -239,3 +241,75 @@ def test_a_fully_pruned_layer_before_another_is_repaired_without_error():
     report = repair_network(pruned, model, masks, images, "output", 0.01, 8)
     assert report.layers == ["0", "2"] and (pruned[0].weight == 0).all()
     assert torch.isfinite(pruned[2].weight).all() and (pruned[2].weight[~masks["2"]] == 0).all()
+
+
+def _equations(module, x, objective):
+    stats = RepairStats(module, augmented_weight(module) if objective == "output" else None, 4096)
+    stats.add(x + 0.3 * torch.randn_like(x), x if objective == "output" else None)
+    return stats.equations()
+
+
+@pytest.mark.parametrize("case", sorted(LAYERS))
+@pytest.mark.parametrize("objective", ["layerwise", "output"])
+def test_nested_levels_equal_each_levels_own_solve(case, objective):
+    """A profile's levels solved together (one factorisation per row) give each level's own
+    exact solve, with the pruned weights exact zeros."""
+    build, shape = LAYERS[case]
+    torch.manual_seed(2)
+    module = build()
+    eq = _equations(module, torch.randn(*shape), objective)
+    damped = damped_gram(module, eq, 0.05)
+    w0 = augmented_weight(module)
+    rank = torch.randperm(module.weight.numel()).view_as(module.weight)
+    counts = [round(f * module.weight.numel()) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)]
+    got = equations_solutions(module, eq, rank, counts, damped, w0, 1 << 30)
+    assert got is not None  # the nested way is the cheaper one here
+    width = module.weight[0].numel()
+    for rows, count in zip(got, counts, strict=True):
+        mask = rank >= count
+        want = equations_solution(module, eq, mask, 0.05, "exact", dense=w0, damped=damped)
+        torch.testing.assert_close(rows, want, rtol=1e-9, atol=1e-12)
+        assert (rows[..., :width].reshape(module.weight.shape)[~mask] == 0).all()
+
+
+def test_nested_levels_give_way_where_per_level_solves_are_cheaper_or_impossible():
+    torch.manual_seed(3)
+    module = nn.Conv2d(16, 8, 3, padding=1, bias=False)
+    eq = _equations(module, torch.relu(torch.randn(8, 16, 6, 6)), "layerwise")
+    damped, w0 = damped_gram(module, eq, 0.01), augmented_weight(module)
+    rank = torch.randperm(module.weight.numel()).view_as(module.weight)
+    n = module.weight.numel()
+    many = [round(f * n) for f in torch.linspace(0.05, 1.0, 20).tolist()]
+    assert equations_solutions(module, eq, rank, many, damped, w0, 1 << 30) is not None
+    # two levels that prune a few weights: each level's own small system is cheaper
+    assert equations_solutions(module, eq, rank, [3, 6], damped, w0, 1 << 30) is None
+    # the solutions of every level would not fit in the budget
+    assert equations_solutions(module, eq, rank, many, damped, w0, 1 << 10) is None
+    # no damping and dead inputs: no factorisation (per level: least norm)
+    stats = RepairStats(module, None, 4096)
+    stats.add(torch.zeros(8, 16, 6, 6))
+    dead = stats.equations()
+    singular = damped_gram(module, dead, 0.0)
+    assert equations_solutions(module, dead, rank, many, singular, w0, 1 << 30) is None
+
+
+def test_profile_levels_are_the_same_solved_together_or_one_by_one():
+    from pipeline.profiling.naive import LevelWeights, grid_counts
+    from pipeline.pruning.patches import PatchMoments
+
+    torch.manual_seed(4)
+    conv = nn.Conv2d(8, 16, 3, padding=1)
+    x = torch.relu(torch.randn(32, 8, 8, 8))
+    moments = PatchMoments.of(conv, x, 1 << 20, for_bn=False)
+    moments.add(x)
+    counts = grid_counts(conv.weight.detach(), torch.linspace(0, 1, 21).numpy(), False)
+    todo = list(range(1, 21))
+    apart = LevelWeights(conv, counts, 0, (moments, 0.01))
+    together = LevelWeights(conv, counts, 0, (moments, 0.01))
+    together.prepare(todo, 1 << 30)
+    assert sorted(together.cache) == todo  # solved in one go, kept
+    for j in todo:
+        one, all_ = apart(j), together(j)
+        torch.testing.assert_close(all_["weight"], one["weight"], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(all_["bias"], one["bias"], rtol=1e-6, atol=1e-7)
+        assert torch.equal(all_["weight"] == 0, one["weight"] == 0)

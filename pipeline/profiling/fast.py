@@ -217,6 +217,7 @@ def _profile_suffix(
     weight_group = max(1, budget // levels.bytes)
     blocks = _level_chunks(todo, weight_group) if repair is not None else [todo]
     for b, block in enumerate(blocks):
+        levels.prepare(block, budget)
         stats = (
             _bn_stats(runner, upstream, block, levels, patches, budget, bn_correction)
             if correct and block

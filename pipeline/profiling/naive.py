@@ -29,6 +29,7 @@ from pipeline.pruning.repair import (
     candidate_rows,
     damped_gram,
     equations_solution,
+    equations_solutions,
     moment_equations,
 )
 
@@ -47,7 +48,8 @@ class LevelWeights:
     magnitudes zeroed (the tie-break of ``mask_pruning``) and, with ``repair`` (the layer's
     input moments and the damping), the kept weights and the bias re-solved to reproduce the
     layer's output (repair.py, layer-wise: the layer's input is the dense one). Kept once built
-    while they fit in ``budget`` bytes, so that they are not rebuilt for every batch."""
+    while they fit in ``budget`` bytes, so that they are not rebuilt for every batch; with
+    repair, ``prepare`` solves a block of levels together where that is cheaper."""
 
     def __init__(
         self,
@@ -68,6 +70,27 @@ class LevelWeights:
             damped_gram(module, self.equations, self.damping) if repair is not None else None
         )
         self.keep = budget // self.bytes
+
+    def prepare(self, levels: list[int], budget: int) -> None:
+        """With repair, solve ``levels`` together and keep them (``budget`` bytes, beyond the
+        cache's) where one factorisation per output row serves them all
+        (``ridge.nested_solve``); otherwise each level is solved when first asked for."""
+        if self.equations is None or len(levels) < 2:
+            return
+        rank = torch.empty_like(self.order)
+        rank[self.order] = torch.arange(len(self.order), device=self.order.device)
+        solved = equations_solutions(
+            self.module,
+            self.equations,
+            rank.view_as(self.weight),
+            [self.counts[j] for j in levels],
+            self.damped,
+            self.anchor,
+            budget,
+        )
+        if solved is not None:
+            for j, rows in zip(levels, solved, strict=True):
+                self.cache[j] = candidate_rows(self.module, rows)
 
     @property
     def bytes(self) -> int:
@@ -158,6 +181,7 @@ def profile_naive(
     levels = LevelWeights(module, counts, 0, (patches, repair) if repair is not None else None)
     means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     zeros = int((original == 0).sum())
+    levels.prepare([j for j, k in enumerate(counts) if k > zeros], memory_mb << 20)
     try:
         for j, k in enumerate(counts):
             if k <= zeros:

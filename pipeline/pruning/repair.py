@@ -52,7 +52,7 @@ from pipeline.pruning.patches import (
     supported,
     unfold,
 )
-from pipeline.pruning.ridge import DampedGram, damping_of, solve
+from pipeline.pruning.ridge import DampedGram, damping_of, nested_solve, solve
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,27 @@ def equations_solution(
     damped = damped if damped is not None else damped_gram(module, eq, damping)
     keep = augmented_mask(module, mask)
     return solve(eq.gram, rhs, w0, keep, damped.lam, solver, damped=damped)
+
+
+def equations_solutions(
+    module: nn.Module,
+    eq: NormalEquations,
+    rank: torch.Tensor,
+    thresholds: list[int],
+    damped: DampedGram,
+    dense: torch.Tensor,
+    budget: int,
+) -> torch.Tensor | None:
+    """``equations_solution`` for the nested masks ``rank >= t``, t in ``thresholds`` (the
+    levels of a profile), all at once: (M, G, R, D'), or None where per-mask solves are the
+    better way (``ridge.nested_solve``). rank: the module's weight-shaped int64 priority (the
+    lowest is pruned first); dense: (G, R, D') the anchor."""
+    g = groups(module)
+    rows = rank.reshape(g, module.weight.shape[0] // g, patch_width(module))
+    if module.bias is not None:  # never pruned: above every threshold
+        rows = torch.cat([rows, torch.full_like(rows[..., :1], rank.numel())], dim=2)
+    rhs = eq.rhs if eq.rhs is not None else eq.gram @ dense.transpose(1, 2)
+    return nested_solve(damped, rhs, dense, rows.to(dense.device), thresholds, budget)
 
 
 def damped_gram(module: nn.Module, eq: NormalEquations, damping: float) -> DampedGram:
