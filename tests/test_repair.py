@@ -263,11 +263,11 @@ def test_nested_levels_equal_each_levels_own_solve(case, objective):
     rank = torch.randperm(module.weight.numel()).view_as(module.weight)
     counts = [round(f * module.weight.numel()) for f in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0)]
     got = equations_solutions(module, eq, rank, counts, damped, w0, 1 << 30)
-    assert got is not None  # the nested way is the cheaper one here
+    assert sorted(got) == list(range(len(counts)))  # the nested way is the cheaper one here
     width = module.weight[0].numel()
-    for rows, count in zip(got, counts, strict=True):
-        mask = rank >= count
-        want = equations_solution(module, eq, mask, 0.05, "exact", dense=w0, damped=damped)
+    for m, rows in got.items():
+        mask = rank >= counts[m]
+        want = equations_solution(module, eq, mask, 0.05, "auto", dense=w0, damped=damped)
         torch.testing.assert_close(rows, want, rtol=1e-9, atol=1e-12)
         assert (rows[..., :width].reshape(module.weight.shape)[~mask] == 0).all()
 
@@ -280,17 +280,17 @@ def test_nested_levels_give_way_where_per_level_solves_are_cheaper_or_impossible
     rank = torch.randperm(module.weight.numel()).view_as(module.weight)
     n = module.weight.numel()
     many = [round(f * n) for f in torch.linspace(0.05, 1.0, 20).tolist()]
-    assert equations_solutions(module, eq, rank, many, damped, w0, 1 << 30) is not None
+    assert len(equations_solutions(module, eq, rank, many, damped, w0, 1 << 30)) == 20
     # two levels that prune a few weights: each level's own small system is cheaper
-    assert equations_solutions(module, eq, rank, [3, 6], damped, w0, 1 << 30) is None
+    assert equations_solutions(module, eq, rank, [3, 6], damped, w0, 1 << 30) == {}
     # the solutions of every level would not fit in the budget
-    assert equations_solutions(module, eq, rank, many, damped, w0, 1 << 10) is None
+    assert equations_solutions(module, eq, rank, many, damped, w0, 1 << 10) == {}
     # no damping and dead inputs: no factorisation (per level: least norm)
     stats = RepairStats(module, None, 4096)
     stats.add(torch.zeros(8, 16, 6, 6))
     dead = stats.equations()
     singular = damped_gram(module, dead, 0.0)
-    assert equations_solutions(module, dead, rank, many, singular, w0, 1 << 30) is None
+    assert equations_solutions(module, dead, rank, many, singular, w0, 1 << 30) == {}
 
 
 def test_profile_levels_are_the_same_solved_together_or_one_by_one():
@@ -313,3 +313,20 @@ def test_profile_levels_are_the_same_solved_together_or_one_by_one():
         torch.testing.assert_close(all_["weight"], one["weight"], rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(all_["bias"], one["bias"], rtol=1e-6, atol=1e-7)
         assert torch.equal(all_["weight"] == 0, one["weight"] == 0)
+
+
+def test_nested_levels_leave_the_levels_auto_would_sweep_to_it():
+    torch.manual_seed(5)
+    module = nn.Linear(64, 256, bias=False)
+    eq = _equations(module, torch.randn(300, 64), "layerwise")
+    damped, w0 = damped_gram(module, eq, 0.01), augmented_weight(module)
+    rank = torch.empty(256, 64, dtype=torch.long)  # row 0 holds the 64 lowest ranks
+    rank[0] = torch.arange(64)
+    rank[1:] = 64 + torch.randperm(255 * 64).view(255, 64)
+    counts = [64, 64 + 255 * 16, 64 + 255 * 32, 64 + 255 * 48, 64 + 255 * 60]
+    # at 64 one row is wholly pruned and the others whole: auto sweeps that level
+    got = equations_solutions(module, eq, rank, counts, damped, w0, 1 << 30)
+    assert sorted(got) == [1, 2, 3, 4]
+    for m, rows in got.items():
+        want = equations_solution(module, eq, rank >= counts[m], 0.01, dense=w0, damped=damped)
+        torch.testing.assert_close(rows, want, rtol=1e-9, atol=1e-12)

@@ -88,9 +88,8 @@ class LevelWeights:
             self.anchor,
             budget,
         )
-        if solved is not None:
-            for j, rows in zip(levels, solved, strict=True):
-                self.cache[j] = candidate_rows(self.module, rows)
+        for m, rows in solved.items():
+            self.cache[levels[m]] = candidate_rows(self.module, rows)
 
     @property
     def bytes(self) -> int:

@@ -197,11 +197,12 @@ def equations_solutions(
     damped: DampedGram,
     dense: torch.Tensor,
     budget: int,
-) -> torch.Tensor | None:
-    """``equations_solution`` for the nested masks ``rank >= t``, t in ``thresholds`` (the
-    levels of a profile), all at once: (M, G, R, D'), or None where per-mask solves are the
-    better way (``ridge.nested_solve``). rank: the module's weight-shaped int64 priority (the
-    lowest is pruned first); dense: (G, R, D') the anchor."""
+) -> dict[int, torch.Tensor]:
+    """``equations_solution`` (solver ``auto``) for the nested masks ``rank >= t``, t in
+    ``thresholds`` (the levels of a profile), solved together: {position: (G, R, D')}, for
+    none or some of them (``ridge.nested_solve``; the rest are solved one by one). rank: the
+    module's weight-shaped int64 priority (the lowest is pruned first); dense: (G, R, D')
+    the anchor."""
     g = groups(module)
     rows = rank.reshape(g, module.weight.shape[0] // g, patch_width(module))
     if module.bias is not None:  # never pruned: above every threshold

@@ -93,11 +93,12 @@ def nested_solve(
     rank: torch.Tensor,
     thresholds: list[int],
     budget: int = 256 << 20,
-) -> torch.Tensor | None:
-    """Re-solved rows for M masks at once, (M, G, R, D') float64: mask m keeps the entries
-    with ``rank >= thresholds[m]``, as ``solve`` with ``exact`` would give them (the same
-    systems; the last bits may differ). None where that is not cheaper, the solutions or one
-    row's systems exceed ``budget`` bytes, ``solve`` would sweep, or a system is singular.
+) -> dict[int, torch.Tensor]:
+    """Re-solved rows (G, R, D') float64 for masks solved together, by position in
+    ``thresholds``: mask m keeps the entries with ``rank >= thresholds[m]``; the rows are
+    ``solve``'s ``exact`` ones (the same systems; the last bits may differ). Masks ``solve``
+    would sweep are left out, and all of them where that is not cheaper, the solutions or one
+    row's systems exceed ``budget`` bytes, or a system is singular: an empty dict.
 
     The masks of a row are nested: in decreasing rank its kept entries are a prefix, and
     the Cholesky factor of a matrix's leading block is the leading block of its factor. So
@@ -106,27 +107,25 @@ def nested_solve(
     rhs: (G, D', R) B; weight: (G, R, D') w0, the anchor, as in ``solve``.
     """
     g, r, d = weight.shape
-    keeps = [rank >= t for t in thresholds]
-    if not keeps or any(_pick_solver(keep, d) != "exact" for keep in keeps):
-        return None
-    kept = torch.stack([_rows(keep).sum(1) for keep in keeps], 1)  # (n, M)
-    top = int(kept.max())
+    picked = [m for m, t in enumerate(thresholds) if _pick_solver(rank >= t, d) == "exact"]
+    if not picked:
+        return {}
+    kept = torch.stack([_rows(rank >= thresholds[m]).sum(1) for m in picked], 1)  # (n, M)
+    top, masks = int(kept.max()), len(picked)
     # per row, in float operations: one factorisation and 4 products per mask, against each
     # mask's own system (the smaller of its kept and pruned blocks, as _solve_rows picks)
     # at a third of the speed (small systems, a gather each) and a d^2 cost per mask; fitted
     # on 64x64 3x3 convolutions (2-40 levels: the faster way picked in 8 of 8 cases)
-    nested = top**3 / 3 + 4 * top * top * len(keeps)
+    nested = top**3 / 3 + 4 * top * top * masks
     single = sum(min(int(k.max()), int((d - k).max())) ** 3 + 4 * d * d for k in kept.T)
-    per_row = 8 * (3 * top * top + 4 * top * len(keeps))
-    if nested > single or per_row > budget:
-        return None
-    if 8 * len(keeps) * weight.numel() > budget:
-        return None
+    per_row = 8 * (3 * top * top + 4 * top * masks)
+    if nested > single or per_row > budget or 8 * masks * weight.numel() > budget:
+        return {}
     target = rhs + damped.lam.view(-1, 1, 1) * weight.transpose(1, 2)  # B + lam w0
     grp = torch.arange(g, device=weight.device).repeat_interleave(r)
     w0, t = _rows(weight), _rows(target.transpose(1, 2))
     order = torch.argsort(_rows(rank), dim=1, descending=True, stable=True)[:, :top]
-    out = torch.zeros(len(keeps), len(w0), d, dtype=w0.dtype, device=w0.device)
+    out = torch.zeros(masks, len(w0), d, dtype=w0.dtype, device=w0.device)
     step = max(1, budget // per_row)
     for lo in range(0, len(w0), step):
         rows = slice(lo, lo + step)
@@ -134,7 +133,7 @@ def nested_solve(
         a = damped.matrix[grp[rows][:, None, None], idx[:, :, None], idx[:, None, :]]
         factor, info = torch.linalg.cholesky_ex(a)
         if bool((info != 0).any()):
-            return None
+            return {}
         prefix = torch.arange(top, device=idx.device)[None, :, None] < kept[rows][:, None, :]
         anchor = w0[rows].gather(1, idx).unsqueeze(2) * prefix  # (n, top, M)
         # the S-form of _solve_rows, for every mask: a delta = b - a anchor on its block
@@ -143,8 +142,8 @@ def nested_solve(
         y = torch.linalg.solve_triangular(factor, c, upper=False) * prefix
         delta = torch.linalg.solve_triangular(factor.mT, y, upper=True)
         values = ((anchor + delta) * prefix).permute(2, 0, 1)  # (M, n, top)
-        out[:, rows] = out[:, rows].scatter(2, idx.expand(len(keeps), -1, -1), values)
-    return out.view(len(keeps), g, r, d)
+        out[:, rows] = out[:, rows].scatter(2, idx.expand(masks, -1, -1), values)
+    return {m: rows.view(g, r, d) for m, rows in zip(picked, out, strict=True)}
 
 
 def _pick_solver(keep: torch.Tensor, d: int) -> str:
