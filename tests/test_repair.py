@@ -330,3 +330,29 @@ def test_nested_levels_leave_the_levels_auto_would_sweep_to_it():
     for m, rows in got.items():
         want = equations_solution(module, eq, rank >= counts[m], 0.01, dense=w0, damped=damped)
         torch.testing.assert_close(rows, want, rtol=1e-9, atol=1e-12)
+
+
+def test_nested_levels_that_prune_everything_give_zero_rows():
+    """A bias-free layer whose levels all prune every weight (an iterative round with one
+    weight left): nothing to solve, as each level's own solve says."""
+    import numpy as np
+
+    from pipeline.profiling.naive import profile_naive
+
+    torch.manual_seed(7)
+    module = nn.Linear(4, 3, bias=False)
+    eq = _equations(module, torch.randn(20, 4), "layerwise")
+    damped, w0 = damped_gram(module, eq, 0.01), augmented_weight(module)
+    rank = torch.randperm(12).view(3, 4)
+    got = equations_solutions(module, eq, rank, [12, 12], damped, w0, 1 << 20)
+    want = equations_solution(module, eq, rank >= 12, 0.01, dense=w0, damped=damped)
+    assert sorted(got) == [0, 1] and all(torch.equal(rows, want) for rows in got.values())
+    model = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1, bias=False), nn.ReLU(), nn.Flatten())
+    model.append(nn.Linear(50, 3)).eval()
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].weight[0, 0, 1, 1] = 0.7
+    x = torch.randn(8, 2, 5, 5)
+    grid = np.linspace(0, 1, 11)
+    mean, _ = profile_naive("0", model, x, model(x).detach(), grid, 8, 64, None, True, 0.01)
+    assert np.isfinite(mean).all()

@@ -207,7 +207,10 @@ def equations_solutions(
     rows = rank.reshape(g, module.weight.shape[0] // g, patch_width(module))
     if module.bias is not None:  # never pruned: above every threshold
         rows = torch.cat([rows, torch.full_like(rows[..., :1], rank.numel())], dim=2)
-    rhs = eq.rhs if eq.rhs is not None else eq.gram @ dense.transpose(1, 2)
+
+    def rhs() -> torch.Tensor:
+        return eq.rhs if eq.rhs is not None else eq.gram @ dense.transpose(1, 2)
+
     return nested_solve(damped, rhs, dense, rows.to(dense.device), thresholds, budget)
 
 

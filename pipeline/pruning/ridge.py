@@ -19,6 +19,7 @@ Pure: tensors in, tensors out.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 
 import torch
 
@@ -80,7 +81,7 @@ def solve(
     damped = damped if damped is not None else DampedGram(gram, lam)
     target = rhs + lam.view(-1, 1, 1) * weight.transpose(1, 2)  # B + lam w0: (G, D', R)
     if solver == "auto":
-        solver = _pick_solver(keep, gram.shape[1])
+        solver = _pick_solver(_rows(keep).sum(1), *keep.shape)
     if solver == "sweep" and damped.factor is not None and damped.sweep_factor is not None:
         return torch.stack([_sweep(damped, i, target[i], keep[i]) for i in range(gram.shape[0])])
     return _solve_rows(damped, target, weight, keep, budget)
@@ -88,7 +89,7 @@ def solve(
 
 def nested_solve(
     damped: DampedGram,
-    rhs: torch.Tensor,
+    rhs: Callable[[], torch.Tensor],
     weight: torch.Tensor,
     rank: torch.Tensor,
     thresholds: list[int],
@@ -104,30 +105,43 @@ def nested_solve(
     the Cholesky factor of a matrix's leading block is the leading block of its factor. So
     one factorisation per row, of its largest kept block, serves every mask (two triangular
     solves each) where ``solve`` factors each mask's own block. rank: (G, R, D') int64;
-    rhs: (G, D', R) B; weight: (G, R, D') w0, the anchor, as in ``solve``.
+    rhs: gives (G, D', R) B, called only once the masks are to be solved; weight: (G, R, D')
+    w0, the anchor, as in ``solve``. Half the budget holds the solutions, half one chunk of
+    rows' systems.
     """
     g, r, d = weight.shape
-    picked = [m for m, t in enumerate(thresholds) if _pick_solver(rank >= t, d) == "exact"]
+    n = g * r
+    # give up before sorting anything where even an even spread of the loosest mask's kept
+    # entries over the rows needs more than the budget (a VGG-size Linear)
+    floor = -(-int((rank >= min(thresholds, default=0)).sum()) // n)
+    if not thresholds or 8 * 3 * floor * floor > budget // 2:
+        return {}
+    ranks, order = torch.sort(_rows(rank), dim=1, descending=True, stable=True)
+    bounds = -torch.tensor(thresholds, dtype=ranks.dtype, device=ranks.device)
+    kept_all = torch.searchsorted(-ranks, bounds.expand(n, -1).contiguous(), right=True)
+    picked = [m for m in range(len(thresholds)) if _pick_solver(kept_all[:, m], g, r, d) == "exact"]
     if not picked:
         return {}
-    kept = torch.stack([_rows(rank >= thresholds[m]).sum(1) for m in picked], 1)  # (n, M)
+    kept = kept_all[:, picked]  # (n, M): each row's kept entries per mask
     top, masks = int(kept.max()), len(picked)
+    if top == 0:  # every picked mask prunes everything (no bias): the rows are zeros
+        return {m: torch.zeros_like(weight) for m in picked}
     # per row, in float operations: one factorisation and 4 products per mask, against each
     # mask's own system (the smaller of its kept and pruned blocks, as _solve_rows picks)
     # at a third of the speed (small systems, a gather each) and a d^2 cost per mask; fitted
     # on 64x64 3x3 convolutions (2-40 levels: the faster way picked in 8 of 8 cases)
     nested = top**3 / 3 + 4 * top * top * masks
     single = sum(min(int(k.max()), int((d - k).max())) ** 3 + 4 * d * d for k in kept.T)
-    per_row = 8 * (3 * top * top + 4 * top * masks)
-    if nested > single or per_row > budget or 8 * masks * weight.numel() > budget:
+    # float64 per row: the block, its factor, a product; five (top, M) operands
+    per_row = 8 * (3 * top * top + 5 * top * masks)
+    if nested > single or per_row > budget // 2 or 2 * 8 * masks * n * d > budget // 2:
         return {}
-    target = rhs + damped.lam.view(-1, 1, 1) * weight.transpose(1, 2)  # B + lam w0
+    target = rhs() + damped.lam.view(-1, 1, 1) * weight.transpose(1, 2)  # B + lam w0
     grp = torch.arange(g, device=weight.device).repeat_interleave(r)
-    w0, t = _rows(weight), _rows(target.transpose(1, 2))
-    order = torch.argsort(_rows(rank), dim=1, descending=True, stable=True)[:, :top]
-    out = torch.zeros(masks, len(w0), d, dtype=w0.dtype, device=w0.device)
-    step = max(1, budget // per_row)
-    for lo in range(0, len(w0), step):
+    w0, t, order = _rows(weight), _rows(target.transpose(1, 2)), order[:, :top]
+    out = torch.zeros(masks, n, d, dtype=w0.dtype, device=w0.device)
+    step = max(1, budget // 2 // per_row)
+    for lo in range(0, n, step):
         rows = slice(lo, lo + step)
         idx = order[rows]  # (n, top): each row's entries, the last pruned first
         a = damped.matrix[grp[rows][:, None, None], idx[:, :, None], idx[:, None, :]]
@@ -146,13 +160,12 @@ def nested_solve(
     return {m: rows.view(g, r, d) for m, rows in zip(picked, out, strict=True)}
 
 
-def _pick_solver(keep: torch.Tensor, d: int) -> str:
+def _pick_solver(kept: torch.Tensor, g: int, r: int, d: int) -> str:
     """``exact`` unless its padded per-row systems (the size ``_solve_rows`` uses) would cost
-    more than ``EXACT_COST_FACTOR`` times the sweep."""
-    kept = keep.sum(2)
+    more than ``EXACT_COST_FACTOR`` times the sweep. kept: (G * R,) each row's kept count."""
     k = min(int(kept.max()), int((d - kept).max()))
-    exact = keep.shape[0] * keep.shape[1] * k**3 / 3
-    sweep = keep.shape[0] * (d**3 + keep.shape[1] * d**2)
+    exact = g * r * k**3 / 3
+    sweep = g * (d**3 + r * d**2)
     return "exact" if exact <= EXACT_COST_FACTOR * sweep else "sweep"
 
 
