@@ -72,10 +72,11 @@ class LevelWeights:
         self.keep = budget // self.bytes
 
     def prepare(self, levels: list[int], budget: int) -> None:
-        """With repair, solve ``levels`` together and keep them (``budget`` bytes, beyond the
-        cache's) where one factorisation per output row serves them all
-        (``ridge.nested_solve``); otherwise each level is solved when first asked for."""
-        if self.equations is None or len(levels) < 2:
+        """With repair, solve ``levels`` from one factorisation per output row where it fits
+        in ``budget`` bytes (``ridge.nested_solve``: the same bits for a level whatever other
+        levels come with it) and keep them beyond the cache's budget; otherwise each level is
+        solved when first asked for."""
+        if self.equations is None or not levels:
             return
         rank = torch.empty_like(self.order)
         rank[self.order] = torch.arange(len(self.order), device=self.order.device)

@@ -95,69 +95,53 @@ def nested_solve(
     thresholds: list[int],
     budget: int = 256 << 20,
 ) -> dict[int, torch.Tensor]:
-    """Re-solved rows (G, R, D') float64 for masks solved together, by position in
-    ``thresholds``: mask m keeps the entries with ``rank >= thresholds[m]``; the rows are
-    ``solve``'s ``exact`` ones (the same systems; the last bits may differ). Masks ``solve``
-    would sweep are left out, and all of them where that is not cheaper, the solutions or one
-    row's systems exceed ``budget`` bytes, or a system is singular: an empty dict.
+    """Re-solved rows (G, R, D') float64 by position in ``thresholds``: mask m keeps the
+    entries with ``rank >= thresholds[m]``; the rows ``solve``'s ``exact`` would give (the
+    same systems; the last bits may differ). Masks ``solve`` would sweep are left out, and all
+    of them where one row's system exceeds half the ``budget`` bytes or H + lam I is singular
+    (an empty dict): ``solve`` takes those.
 
-    The masks of a row are nested: in decreasing rank its kept entries are a prefix, and
-    the Cholesky factor of a matrix's leading block is the leading block of its factor. So
-    one factorisation per row, of its largest kept block, serves every mask (two triangular
-    solves each) where ``solve`` factors each mask's own block. rank: (G, R, D') int64;
-    rhs: gives (G, D', R) B, called only once the masks are to be solved; weight: (G, R, D')
-    w0, the anchor, as in ``solve``. Half the budget holds the solutions, half one chunk of
-    rows' systems.
+    The masks of a row are nested: in decreasing rank its kept entries are a prefix, and the
+    Cholesky factor of a matrix's leading block is the leading block of its factor. So one
+    factorisation per row of the whole H + lam I in that order serves every mask, with two
+    triangular solves each, where ``solve`` factors each mask's own block. Every mask's rows
+    come from the same factor and the same operations whichever other masks are solved with
+    it, so a profile's levels get the same bits however its work units cut them. rank:
+    (G, R, D') int64; rhs: gives (G, D', R) B, called only if something is solved; weight:
+    (G, R, D') w0, as in ``solve``.
     """
     g, r, d = weight.shape
     n = g * r
-    # give up before sorting anything where even an even spread of the loosest mask's kept
-    # entries over the rows needs more than the budget (a VGG-size Linear)
-    floor = -(-int((rank >= min(thresholds, default=0)).sum()) // n)
-    if not thresholds or 8 * 3 * floor * floor > budget // 2:
+    per_row = 8 * 4 * d * d  # float64: the gathered matrix, its factor, solver workspace
+    if not thresholds or per_row > budget // 2:
         return {}
     ranks, order = torch.sort(_rows(rank), dim=1, descending=True, stable=True)
     bounds = -torch.tensor(thresholds, dtype=ranks.dtype, device=ranks.device)
-    kept_all = torch.searchsorted(-ranks, bounds.expand(n, -1).contiguous(), right=True)
-    picked = [m for m in range(len(thresholds)) if _pick_solver(kept_all[:, m], g, r, d) == "exact"]
+    kept = torch.searchsorted(-ranks, bounds.expand(n, -1).contiguous(), right=True)  # (n, M)
+    picked = [m for m in range(len(thresholds)) if _pick_solver(kept[:, m], g, r, d) == "exact"]
     if not picked:
-        return {}
-    kept = kept_all[:, picked]  # (n, M): each row's kept entries per mask
-    top, masks = int(kept.max()), len(picked)
-    if top == 0:  # every picked mask prunes everything (no bias): the rows are zeros
-        return {m: torch.zeros_like(weight) for m in picked}
-    # per row, in float operations: one factorisation and 4 products per mask, against each
-    # mask's own system (the smaller of its kept and pruned blocks, as _solve_rows picks)
-    # at a third of the speed (small systems, a gather each) and a d^2 cost per mask; fitted
-    # on 64x64 3x3 convolutions (2-40 levels: the faster way picked in 8 of 8 cases)
-    nested = top**3 / 3 + 4 * top * top * masks
-    single = sum(min(int(k.max()), int((d - k).max())) ** 3 + 4 * d * d for k in kept.T)
-    # float64 per row: the block, its factor, a product; five (top, M) operands
-    per_row = 8 * (3 * top * top + 5 * top * masks)
-    if nested > single or per_row > budget // 2 or 2 * 8 * masks * n * d > budget // 2:
         return {}
     target = rhs() + damped.lam.view(-1, 1, 1) * weight.transpose(1, 2)  # B + lam w0
     grp = torch.arange(g, device=weight.device).repeat_interleave(r)
-    w0, t, order = _rows(weight), _rows(target.transpose(1, 2)), order[:, :top]
-    out = torch.zeros(masks, n, d, dtype=w0.dtype, device=w0.device)
+    t = _rows(target.transpose(1, 2))
+    out = {m: torch.zeros_like(_rows(weight)) for m in picked}
+    positions = torch.arange(d, device=weight.device)[None, :]
     step = max(1, budget // 2 // per_row)
     for lo in range(0, n, step):
         rows = slice(lo, lo + step)
-        idx = order[rows]  # (n, top): each row's entries, the last pruned first
+        idx = order[rows]  # (n, D'): each row's entries, the last pruned first
         a = damped.matrix[grp[rows][:, None, None], idx[:, :, None], idx[:, None, :]]
         factor, info = torch.linalg.cholesky_ex(a)
         if bool((info != 0).any()):
             return {}
-        prefix = torch.arange(top, device=idx.device)[None, :, None] < kept[rows][:, None, :]
-        anchor = w0[rows].gather(1, idx).unsqueeze(2) * prefix  # (n, top, M)
-        # the S-form of _solve_rows, for every mask: a delta = b - a anchor on its block
-        c = (t[rows].gather(1, idx).unsqueeze(2) - a @ anchor) * prefix
-        # entries past a mask's block: zeroed after the forward solve, zero after the back
-        y = torch.linalg.solve_triangular(factor, c, upper=False) * prefix
-        delta = torch.linalg.solve_triangular(factor.mT, y, upper=True)
-        values = ((anchor + delta) * prefix).permute(2, 0, 1)  # (M, n, top)
-        out[:, rows] = out[:, rows].scatter(2, idx.expand(masks, -1, -1), values)
-    return {m: rows.view(g, r, d) for m, rows in zip(picked, out, strict=True)}
+        block = t[rows].gather(1, idx)  # B + lam w0 in that order
+        for m in picked:
+            prefix = (positions < kept[rows, m, None]).unsqueeze(2)  # the mask's own block
+            # past the block: zeroed after the forward solve, then zero after the back one
+            y = torch.linalg.solve_triangular(factor, block.unsqueeze(2) * prefix, upper=False)
+            w = torch.linalg.solve_triangular(factor.mT, y * prefix, upper=True)
+            out[m][rows] = torch.zeros_like(block).scatter(1, idx, (w * prefix).squeeze(2))
+    return {m: rows.view(g, r, d) for m, rows in out.items()}
 
 
 def _pick_solver(kept: torch.Tensor, g: int, r: int, d: int) -> str:
