@@ -361,3 +361,36 @@ def test_nested_levels_that_prune_everything_give_zero_rows():
     grid = np.linspace(0, 1, 11)
     mean, _ = profile_naive("0", model, x, model(x).detach(), grid, 8, 64, None, True, 0.01)
     assert np.isfinite(mean).all()
+
+
+@pytest.mark.parametrize("engine", ["naive", "fast"])
+def test_repaired_curves_have_the_same_bits_whatever_the_blocks_of_levels(engine):
+    """profile.memory_mb 1 solves this layer's 21 levels in two blocks, 64 in one: the same
+    curve, bit for bit (each level's rows come from the same factor either way)."""
+    import numpy as np
+
+    from pipeline.profiling.distortion import profile_layer, sparsity_grid
+
+    torch.manual_seed(8)
+    model = nn.Sequential(
+        nn.Conv2d(3, 12, 3, padding=1), nn.ReLU(), nn.Conv2d(12, 128, 3, padding=1), nn.ReLU()
+    )
+    model.extend([nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(128, 5)]).eval()
+    x = torch.randn(16, 3, 6, 6)
+    reference = model(x).detach()
+    curves = [
+        profile_layer(
+            "2",
+            model=model,
+            inputs=x,
+            reference=reference,
+            sparsities=sparsity_grid(21),
+            batch_size=8,
+            threads=1,
+            engine=engine,
+            memory_mb=memory,
+            repair=0.01,
+        )[0]
+        for memory in (1, 64)
+    ]
+    assert np.array_equal(curves[0], curves[1]) and curves[0][-1] > 0

@@ -181,11 +181,15 @@ def profile_naive(
     levels = LevelWeights(module, counts, 0, (patches, repair) if repair is not None else None)
     means, maxes = np.zeros(len(sparsities)), np.zeros(len(sparsities))
     zeros = int((original == 0).sum())
-    levels.prepare([j for j, k in enumerate(counts) if k > zeros], memory_mb << 20)
+    # only zeros pruned: the network is unchanged, distortion 0; with repair, the levels are
+    # solved in blocks whose parameters fit in profile.memory_mb, as the fast engine's
+    todo = [j for j, k in enumerate(counts) if k > zeros]
+    group = max(1, (memory_mb << 20) // levels.bytes)
     try:
-        for j, k in enumerate(counts):
-            if k <= zeros:
-                continue  # only zeros pruned: the network is unchanged, distortion is 0
+        for i, j in enumerate(todo):
+            if i % group == 0:
+                levels.cache.clear()
+                levels.prepare(todo[i : i + group], memory_mb << 20)
             candidate = levels(j)
             set_params(module, candidate)
             if bn is not None:

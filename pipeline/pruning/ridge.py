@@ -108,7 +108,7 @@ def nested_solve(
     come from the same factor and the same operations whichever other masks are solved with
     it, so a profile's levels get the same bits however its work units cut them. rank:
     (G, R, D') int64; rhs: gives (G, D', R) B, called only if something is solved; weight:
-    (G, R, D') w0, as in ``solve``.
+    (G, R, D') w0, as in ``solve``. The caller bounds the masks: their rows are held.
     """
     g, r, d = weight.shape
     n = g * r
