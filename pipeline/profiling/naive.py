@@ -49,7 +49,7 @@ class LevelWeights:
     input moments and the damping), the kept weights and the bias re-solved to reproduce the
     layer's output (repair.py, layer-wise: the layer's input is the dense one). Kept once built
     while they fit in ``budget`` bytes, so that they are not rebuilt for every batch; with
-    repair, ``prepare`` solves a block of levels together where that is cheaper."""
+    repair, ``prepare`` solves a block of levels from one factorisation per output row."""
 
     def __init__(
         self,
